@@ -1,0 +1,314 @@
+"""HomeModel: a base model whose decoder MLPs are HybridMLPs (fast / think), plus a router.
+
+A HOME checkpoint is an HF-style folder: the base config.json with an added "home" section, the
+weights as safetensors under this module's own parameter names (`base.…`, `router.…`), and the
+tokenizer/processor files of the dense model it came from. An *expert view* is the shared weights
+plus one expert under the dense model's own names: a plain checkpoint for transformers and vLLM.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import transformers
+import transformers.initialization as hf_init
+from safetensors.torch import load_file, save_file
+from transformers.core_model_loading import revert_weight_conversion
+from torch import nn
+
+from home_rl.errors import ModelError
+from home_rl.model.architectures import (Architecture, architecture_of, decoder_layers, model_class,
+                                         read_config_json, text_config)
+from home_rl.model.hybrid_mlp import EXPERTS, FAST, THINK, HybridMLP, Route
+from home_rl.model.router import Router, pool
+
+HOME_KEY = "home"  # the section of config.json that makes a folder a HOME checkpoint
+WEIGHTS_NAME = "model.safetensors"
+SHARD_BYTES = 4 << 30  # safetensors shards of at most 4 GiB
+# Files of a model folder that are not weights or config: tokenizer, processor, chat template.
+_NOT_ASSETS = re.compile(r"(\.safetensors|\.bin|\.gguf|\.pt|^config\.json|\.index\.json)$")
+_EXPERT_IN_NAME = re.compile(r"\.mlp\.experts\.([^.]+)\.")
+
+
+def view_name(name: str, expert: str) -> Optional[str]:
+    """The dense-model name of a HomeModel parameter in `expert`'s view; None if not part of it.
+
+    "base.model.layers.0.mlp.experts.think.up_proj.weight" -> "model.layers.0.mlp.up_proj.weight".
+    """
+    if not name.startswith("base."):
+        return None  # the router is in no view
+    m = _EXPERT_IN_NAME.search(name)
+    if m is None:
+        return name[len("base."):]
+    if m.group(1) != expert:
+        return None
+    return name[len("base."):m.start()] + ".mlp." + name[m.end():]
+
+
+def is_home_checkpoint(folder: str | Path) -> bool:
+    path = Path(folder) / "config.json"
+    return path.is_file() and HOME_KEY in json.loads(path.read_text())
+
+
+class HomeModel(nn.Module):
+    def __init__(self, base: transformers.PreTrainedModel, home_config: dict):
+        super().__init__()
+        self.arch = architecture_of(base.config)
+        self.base = base
+        self.home_config = dict(home_config)
+        hidden = text_config(base.config).hidden_size
+        self.router = Router(hidden, self.home_config["router_hidden_size"]).to(base.dtype)
+        self.asset_dir: Optional[Path] = None  # where tokenizer/processor files are copied from
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def upcycle(cls, dense: transformers.PreTrainedModel, router_layer: Optional[int] = None,
+                router_pooling: str = "mean", router_hidden_size: int = 256) -> "HomeModel":
+        """Turn a dense model (in place) into a HOME model: each decoder MLP becomes {fast, think} copies."""
+        arch = architecture_of(dense.config)
+        layers = decoder_layers(dense, arch)
+        for layer in layers:
+            layer.mlp = HybridMLP(layer.mlp)
+        if router_layer is None:
+            router_layer = len(layers) // 2
+        if not 0 <= router_layer < len(layers):
+            raise ModelError(f"router.layer={router_layer} is outside the model's {len(layers)} decoder layers")
+        return cls(dense, {"experts": list(EXPERTS), "router_layer": router_layer,
+                           "router_pooling": router_pooling, "router_hidden_size": router_hidden_size,
+                           "base_architecture": arch.name})
+
+    @classmethod
+    def from_config(cls, config: transformers.PretrainedConfig, home_config: dict,
+                    dtype: Optional[torch.dtype] = None) -> "HomeModel":
+        """An uninitialised HOME model of this shape (weights are loaded by the caller)."""
+        arch = architecture_of(config)
+        if isinstance(dtype, str) or dtype is None:
+            dtype = getattr(torch, dtype or str(config.dtype or "float32").replace("torch.", ""))
+        with hf_init.no_init_weights():  # every weight is overwritten by the checkpoint: skip random init
+            base = model_class(arch)._from_config(config, dtype=dtype)
+        base.tie_weights()  # skipped under no_init_weights; a tied LM head must share the embedding
+        for layer in decoder_layers(base, arch):
+            layer.mlp = HybridMLP(layer.mlp)
+        model = cls(base, home_config)
+        for mlp in model.hybrid_mlps:  # experts beyond fast/think (e.g. a saved reference copy)
+            for name in home_config["experts"]:
+                if name not in mlp.experts:
+                    mlp.add_expert(name, copy_of=THINK)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: Optional[torch.dtype] = None) -> "HomeModel":
+        folder = Path(folder)
+        raw = read_config_json(folder)
+        if HOME_KEY not in raw:
+            raise ModelError(f"{folder} is a dense checkpoint, not a HOME one (no '{HOME_KEY}' section in "
+                             f"config.json): upcycle it first with recipes/upcycle.py")
+        architecture_of(raw, where=str(folder / "config.json"))
+        config = transformers.AutoConfig.from_pretrained(folder)
+        home_config = getattr(config, HOME_KEY)
+        delattr(config, HOME_KEY)
+        model = cls.from_config(config, home_config, dtype)
+        model.load_checkpoint_weights(folder)
+        model.asset_dir = folder
+        return model.eval()
+
+    def load_checkpoint_weights(self, folder: Path) -> None:
+        """Load the safetensors of a HOME folder; missing or unexpected tensors are a ModelError."""
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise ModelError(f"no *.safetensors weights in {folder}")
+        state = {}
+        for f in files:
+            state.update(load_file(f))
+        expected = self.checkpoint_keys()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(self.state_dict()))
+        if missing or unexpected:
+            raise ModelError(f"HOME checkpoint {folder} does not match its config: "
+                             + (f"missing tensors {_short_list(missing)}" if missing else "")
+                             + ("; " if missing and unexpected else "")
+                             + (f"unexpected tensors {_short_list(unexpected)}" if unexpected else ""))
+        own = self.state_dict()
+        with torch.no_grad():
+            for key, tensor in state.items():
+                own[key].copy_(tensor)
+        self.base.tie_weights()
+
+    # ------------------------------------------------------------------ forward
+
+    @property
+    def hybrid_mlps(self) -> list[HybridMLP]:
+        return [layer.mlp for layer in decoder_layers(self.base, self.arch)]
+
+    @property
+    def expert_names(self) -> list[str]:
+        return self.hybrid_mlps[0].names
+
+    def forward(self, route: Union[Route, Sequence[str]] = THINK, **inputs):
+        """Run the base model with every sequence on the expert `route` names (one name, or one per row)."""
+        with self.routed(route):
+            return self.base(**inputs)
+
+    @contextmanager
+    def routed(self, route: Union[Route, Sequence[str]]) -> Iterator[None]:
+        """Within this context, the HybridMLPs send each row to its expert."""
+        mlps = self.hybrid_mlps
+        names = mlps[0].names
+        if isinstance(route, str):
+            if route not in names:
+                raise ValueError(f"unknown expert {route!r}; this model has {names}")
+        elif not isinstance(route, torch.Tensor):
+            unknown = sorted(set(route) - set(names))
+            if unknown:
+                raise ValueError(f"unknown expert(s) {unknown}; this model has {names}")
+            route = torch.tensor([names.index(r) for r in route], device=self.base.device)
+        for mlp in mlps:
+            mlp.route = route
+        try:
+            yield
+        finally:
+            for mlp in mlps:
+                mlp.route = THINK
+
+    def router_features(self, **inputs) -> torch.Tensor:
+        """Pooled hidden states after the router's layer of the fast view: [batch, hidden]."""
+        layer = decoder_layers(self.base, self.arch)[self.home_config["router_layer"]]
+        captured = {}
+
+        def stop_after(module, args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output
+            raise _EnoughLayers  # the layers above the router's are not needed
+
+        handle = layer.register_forward_hook(stop_after)
+        try:
+            self.forward(route=FAST, **inputs)
+        except _EnoughLayers:
+            pass
+        finally:
+            handle.remove()
+        return pool(captured["hidden"], inputs.get("attention_mask"), self.home_config["router_pooling"])
+
+    def route_logits(self, **inputs) -> torch.Tensor:
+        """Router logits [batch, 2] for [fast, think]."""
+        return self.router(self.router_features(**inputs))
+
+    # ------------------------------------------------------------------ saving
+
+    def checkpoint_keys(self) -> list[str]:
+        """State-dict keys that a checkpoint stores: tied copies (a tied LM head) are stored once."""
+        seen, keys = set(), []
+        for key, tensor in self.state_dict().items():
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            keys.append(key)
+        return keys
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write a HOME checkpoint folder, atomically (a temporary folder renamed at the end)."""
+        state = self.state_dict()
+        config = self.base.config.to_dict()
+        config[HOME_KEY] = {**self.home_config, "experts": self.expert_names}
+        return _write_folder(out_dir, config, {k: state[k] for k in self.checkpoint_keys()}, self.asset_dir,
+                             self.base.generation_config)
+
+    def view_state_dict(self, expert: str) -> dict[str, torch.Tensor]:
+        """The shared weights plus `expert`, under the dense model's names (tied copies once)."""
+        if expert not in self.expert_names:
+            raise ValueError(f"unknown expert {expert!r}; this model has {self.expert_names}")
+        state = self.state_dict()
+        out = {}
+        for key in self.checkpoint_keys():
+            name = view_name(key, expert)
+            if name is not None:
+                out[name] = state[key]
+        return out
+
+    def export_view(self, expert: str, out_dir: str | Path) -> Path:
+        """Write `expert`'s view: a dense checkpoint of the base architecture that needs no custom code.
+
+        Names are written as transformers' own save_pretrained writes them (its on-disk format, e.g.
+        Qwen2.5-VL's `visual.*` and `model.layers.*`), which is what vLLM's loaders expect.
+        """
+        state = revert_weight_conversion(self.base, self.view_state_dict(expert))
+        return _write_folder(out_dir, self.base.config.to_dict(), state, self.asset_dir, self.base.generation_config)
+
+    # ------------------------------------------------------------------ reporting
+
+    def parameter_report(self) -> dict[str, int]:
+        """Parameter counts: total, shared, each expert, router, and active per query (shared + one expert)."""
+        counts = {"total": 0, "shared": 0, **{e: 0 for e in self.expert_names}, "router": 0}
+        seen = set()
+        for name, p in self.named_parameters():
+            if p.data_ptr() in seen:
+                continue
+            seen.add(p.data_ptr())
+            n = p.numel()
+            counts["total"] += n
+            m = _EXPERT_IN_NAME.search(name)
+            if name.startswith("router."):
+                counts["router"] += n
+            elif m:
+                counts[m.group(1)] += n
+            else:
+                counts["shared"] += n
+        counts["active_per_query"] = counts["shared"] + counts[THINK]
+        return counts
+
+
+class _EnoughLayers(Exception):
+    """Raised from a forward hook to stop a forward pass once the router's layer has run."""
+
+
+def _short_list(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" … and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _write_folder(out_dir: str | Path, config: dict, state: dict[str, torch.Tensor],
+                  asset_dir: Optional[Path], generation_config=None) -> Path:
+    """Write config.json, safetensors shards and copied tokenizer/processor files; rename into place."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if asset_dir is not None:
+        for f in Path(asset_dir).iterdir():
+            if f.is_file() and not _NOT_ASSETS.search(f.name):
+                shutil.copy2(f, tmp / f.name)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    _save_shards({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _save_shards(state: dict[str, torch.Tensor], folder: Path) -> None:
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -1,0 +1,30 @@
+"""Upcycling: a dense checkpoint folder becomes a HOME model (both experts start as the dense MLP)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from home_rl.model.architectures import architecture_of, model_class, read_config_json
+from home_rl.model.home import HOME_KEY, HomeModel
+from home_rl.errors import ModelError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_dense(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """Load a dense checkpoint of a supported architecture (checked before any weight is read)."""
+    raw = read_config_json(folder)
+    if HOME_KEY in raw:
+        raise ModelError(f"{folder} is already a HOME checkpoint: load it with HomeModel.from_pretrained")
+    arch = architecture_of(raw, where=str(Path(folder) / "config.json"))
+    return model_class(arch).from_pretrained(folder, dtype=dtype).eval()
+
+
+def upcycle(folder: str | Path, dtype: torch.dtype = torch.float32, router_layer: Optional[int] = None,
+            router_pooling: str = "mean", router_hidden_size: int = 256) -> HomeModel:
+    """Load the dense model in `folder` and upcycle it; tokenizer/processor files travel with it."""
+    home = HomeModel.upcycle(load_dense(folder, dtype), router_layer, router_pooling, router_hidden_size)
+    home.asset_dir = Path(folder)
+    return home.eval()
