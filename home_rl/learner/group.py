@@ -1,0 +1,183 @@
+"""LearnerGroup: L learner actors in a Ray placement group, forming one DeepSpeed data-parallel group.
+
+Rank 0 picks the rendezvous address and port; every rank joins. Each call splits its batch over
+the ranks (similar token counts), tells every rank how many micro-batches to run (the same
+number everywhere: ZeRO-3's collectives need it) and the step's global counts (so losses are
+normalised over the whole step), then gathers the results.
+
+    group = LearnerGroup(cfg.learner, model_dir, dtype="float32", total_steps=100)
+    metrics = group.train_step(sequences)                  # loss, token_loss, grad_norm, lr, tokens_per_s, ...
+    old = group.log_probs(sequences)                       # one tensor per sequence, its response tokens
+    for name, tensor in group.iter_weights(view="think", only_trainable=True): ...
+    group.save_checkpoint(folder); group.load_checkpoint(folder); group.save_model(out_dir)
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Iterator, Optional
+
+import torch
+
+from home_rl.config import to_dict
+from home_rl.errors import HomeRLError
+from home_rl.learner.batch import Sequence, split_for_ranks
+from home_rl.learner.config import LearnerConfig
+from home_rl.learner.worker import LearnerWorker
+
+# Metrics that are the same on every rank (not shares to add up).
+_SHARED_METRICS = ("grad_norm", "lr", "step")
+
+
+class LearnerGroup:
+    def __init__(self, cfg: LearnerConfig, model_path: str, dtype: str = "bfloat16", total_steps: int = 1,
+                 ready_timeout_s: float = 300.0):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.cfg = cfg
+        self.world_size = cfg.num_learners
+        use_gpu = _use_gpu(cfg)
+        bundle = {"CPU": cfg.cpus_per_learner, **({"GPU": 1} if use_gpu else {})}
+        self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
+        ready, _ = ray.wait([self.placement_group.ready()], timeout=ready_timeout_s)
+        if not ready:
+            ray.util.remove_placement_group(self.placement_group)
+            raise HomeRLError(f"the Ray cluster cannot place {self.world_size} learners of {bundle} each "
+                              f"(available: {ray.available_resources()}); lower learner.num_learners or "
+                              f"learner.cpus_per_learner, or start Ray with more CPUs")
+        threads = cfg.threads_per_learner or max(1, int(cfg.cpus_per_learner))
+        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        if not use_gpu:
+            env["DS_ACCELERATOR"] = "cpu"
+        actor = ray.remote(LearnerWorker)
+        self.actors = [
+            actor.options(num_cpus=cfg.cpus_per_learner, num_gpus=1 if use_gpu else 0,
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
+                          runtime_env={"env_vars": env}).remote(i, self.world_size, to_dict(cfg), threads)
+            for i in range(self.world_size)]
+        addr, port = ray.get(self.actors[0].address.remote())
+        try:
+            self.info = _get([a.setup.remote(addr, port, str(model_path), dtype, total_steps) for a in self.actors])
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ------------------------------------------------------------------ calls on every rank
+
+    def _run(self, method: str, *args, **kwargs) -> list[Any]:
+        return _get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+
+    def _shards(self, batch: list[Sequence]) -> tuple[list[list[int]], int]:
+        shards = split_for_ranks(batch, self.world_size)
+        num_micro = max(math.ceil(len(s) / self.cfg.micro_batch_size) for s in shards)
+        return shards, num_micro
+
+    def train_step(self, batch: list[Sequence], loss: Any = "sft", router_loss_weight: float = 0.0,
+                   temperature: float = 1.0) -> dict[str, float]:
+        """One optimizer step on `batch` (all its sequences, split over the ranks and into micro-batches).
+
+        Returns the step's metrics: loss (and the loss function's own terms), grad_norm, lr,
+        tokens, tokens_per_s, step_s, ...; with router labels also router_loss and router_acc.
+        """
+        start = time.perf_counter()
+        shards, num_micro = self._shards(batch)
+        totals = {"tokens": sum(s.num_loss_tokens for s in batch), "sequences": len(batch),
+                  "labelled": sum(s.router_label is not None for s in batch)}
+        results = _get([a.train_step.remote([batch[i] for i in shard], num_micro, totals, loss,
+                                               router_loss_weight, temperature)
+                           for a, shard in zip(self.actors, shards)])
+        metrics = {k: v for k, v in results[0].items() if k in _SHARED_METRICS}
+        for key in results[0]:
+            if key not in _SHARED_METRICS:
+                metrics[key] = sum(r[key] for r in results)
+        metrics["compute_s"] = max(r["compute_s"] for r in results)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(s) for s in batch)
+        metrics.update(step_s=elapsed, tokens=tokens, loss_tokens=totals["tokens"], tokens_per_s=tokens / elapsed,
+                       sequences=len(batch))
+        if totals["labelled"] and "router_correct" in metrics:
+            metrics["router_acc"] = metrics.pop("router_correct") / totals["labelled"]
+        return metrics
+
+    def log_probs(self, batch: list[Sequence], temperature: float = 1.0,
+                  with_entropy: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Log-probs of each sequence's response tokens (and their entropies), in batch order."""
+        per_seq = self._per_sequence(batch, "log_probs", temperature, with_entropy)
+        log_probs = [lp for lp, _ in per_seq]
+        return (log_probs, [e for _, e in per_seq]) if with_entropy else log_probs
+
+    def logits(self, batch: list[Sequence]) -> list[torch.Tensor]:
+        """Logits [response tokens, vocab] of each sequence (for checks on small batches)."""
+        return self._per_sequence(batch, "logits")
+
+    def _per_sequence(self, batch: list[Sequence], method: str, *args) -> list:
+        """Call a per-sequence method on every rank's shard; results back in batch order."""
+        shards, num_micro = self._shards(batch)
+        results = _get([getattr(a, method).remote([batch[i] for i in shard], num_micro, *args)
+                           for a, shard in zip(self.actors, shards)])
+        out: list = [None] * len(batch)
+        for shard, values in zip(shards, results):
+            for i, value in zip(shard, values):
+                out[i] = value
+        return out
+
+    # ------------------------------------------------------------------ weights and checkpoints
+
+    def iter_weights(self, view: Optional[str] = None, only_trainable: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) pairs, gathered one decoder layer at a time (never the whole model at once).
+
+        `view` ("think" / "fast", HOME models): the expert view's parameters under the dense model's
+        names, as rollout engines load them. `only_trainable`: just what this learner changes.
+        """
+        import ray
+
+        chunks = ray.get(self.actors[0].weight_chunks.remote(view, only_trainable))
+        for names in chunks:
+            yield from self._run("gather", names, view)[0]
+
+    def save_checkpoint(self, folder: str) -> None:
+        """Engine + optimiser + schedule state of every rank into `folder` (the caller makes it atomic)."""
+        self._run("save_checkpoint", str(folder))
+
+    def load_checkpoint(self, folder: str) -> int:
+        """Restore a checkpoint saved by save_checkpoint; returns the optimizer step it was taken at."""
+        return self._run("load_checkpoint", str(folder))[0]
+
+    def save_model(self, out_dir: str) -> str:
+        """The trained model as a checkpoint of the input's kind: a dense HF folder or a HOME checkpoint."""
+        return self._run("save_model", str(out_dir))[0]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+        if self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)
+            self.placement_group = None
+
+
+def _get(refs: list) -> list:
+    """ray.get, with a user error raised inside an actor (bad config, bad model) re-raised as itself."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, HomeRLError):
+            raise e.cause from None
+        raise
+
+
+def _use_gpu(cfg: LearnerConfig) -> bool:
+    import ray
+
+    if cfg.device == "cpu":
+        return False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.device == "cuda" and gpus < cfg.num_learners:
+        raise HomeRLError(f"learner.device=cuda needs {cfg.num_learners} GPUs; the Ray cluster has {gpus:g}")
+    return gpus >= cfg.num_learners

@@ -1,0 +1,118 @@
+"""Loading a dense or HOME checkpoint for training, and writing the trained model back as the same kind.
+
+Dense models are built under transformers' `HfDeepSpeedConfig` when ZeRO-3 is on, so each rank
+loads only its partition (DeepSpeed's documented route; raw `zero.Init()` left MoE-style expert
+weights uninitialised). A HOME model is loaded in plain torch (HomeModel.from_pretrained copies
+experts, which partitioned tensors cannot do) and DeepSpeed partitions it at `initialize`.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from home_rl.errors import ConfigError
+from home_rl.model import DTYPES, HomeModel, is_home_checkpoint
+from home_rl.model.architectures import architecture_of, model_class, read_config_json
+
+log = logging.getLogger(__name__)
+
+# Files of a model folder that the trained folder gets as they are (tokenizer, processor, chat template).
+_ASSET_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".tiktoken")
+_NOT_ASSETS = ("config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+def load_for_training(path: str | Path, dtype: torch.dtype, ds_config: dict,
+                      frozen_copies: list[str]) -> tuple[nn.Module, bool]:
+    """(model in train mode, is_home). `frozen_copies` are NAME=EXPERT copies added to every HybridMLP."""
+    if is_home_checkpoint(path):
+        model = HomeModel.from_pretrained(path, dtype=dtype)
+        for item in frozen_copies:
+            name, _, expert = item.partition("=")
+            if expert not in model.expert_names:
+                raise ConfigError(f"learner.frozen_copies: {item!r} copies unknown expert {expert!r}; "
+                                  f"the model has {model.expert_names}")
+            for mlp in model.hybrid_mlps:
+                mlp.add_expert(name, copy_of=expert)
+        # Under ZeRO-3 every rank must enter the same modules; with per-row routes a rank could
+        # otherwise skip an expert that another rank runs and the collective gathers would hang.
+        for mlp in model.hybrid_mlps:
+            mlp.call_every_expert = True
+        return model.train(), True
+    if frozen_copies:
+        raise ConfigError(f"learner.frozen_copies={frozen_copies} needs a HOME model; {path} is dense")
+    arch = architecture_of(read_config_json(path), where=str(Path(path) / "config.json"))
+    cls = model_class(arch)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        ds_hook = HfDeepSpeedConfig(ds_config)  # transformers partitions while loading only while this lives
+        model = cls.from_pretrained(path, dtype=dtype)
+        del ds_hook
+    else:
+        model = cls.from_pretrained(path, dtype=dtype)
+    return model.train(), False
+
+
+def write_trained(state_dict: dict[str, torch.Tensor], source: str | Path, model: nn.Module, is_home: bool,
+                  out_dir: str | Path, dtype: torch.dtype, drop_experts: tuple[str, ...] = ()) -> Path:
+    """Write `state_dict` (full, gathered) as a checkpoint of the source's kind, atomically.
+
+    A plain model of the same shape is built (outside ZeRO), given the weights and saved with its
+    own save_pretrained, so the folder is exactly what from_pretrained expects. Experts named in
+    `drop_experts` (frozen working copies) are left out.
+    """
+    out = Path(out_dir)
+    if is_home:
+        home_config = dict(model.home_config)
+        home_config["experts"] = [e for e in model.expert_names if e not in drop_experts]
+        fresh = HomeModel.from_config(model.base.config, home_config, dtype=dtype)
+        state = {k: v for k, v in state_dict.items()
+                 if not any(f".experts.{e}." in k for e in drop_experts)}
+        _load_exact(fresh, state)
+        fresh.asset_dir = Path(source)
+        fresh.base.generation_config = model.base.generation_config
+        fresh.save_pretrained(out)  # atomic: the HOME writer renames a temporary folder
+        return out
+    from transformers import initialization as hf_init
+
+    with hf_init.no_init_weights():
+        fresh = type(model)._from_config(model.config, dtype=dtype)
+    fresh.tie_weights()
+    _load_exact(fresh, state_dict)
+    fresh.generation_config = model.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp)
+    _copy_assets(Path(source), tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # A tied LM head is one tensor with two names: whichever name the state holds fills both.
+    missing = [k for k in missing if not _is_tied_alias(model, k)]
+    if missing or unexpected:
+        raise RuntimeError(f"trained weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _is_tied_alias(model: nn.Module, key: str) -> bool:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    unique = dict(model.named_parameters())
+    return key in params and key not in unique
+
+
+def _copy_assets(source: Path, dest: Path) -> None:
+    for f in source.iterdir():
+        if f.is_file() and f.name.endswith(_ASSET_SUFFIXES) and f.name not in _NOT_ASSETS and not (dest / f.name).exists():
+            shutil.copy2(f, dest / f.name)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]

@@ -1,0 +1,279 @@
+"""One learner: a rank of a torch.distributed group running a DeepSpeed engine over a dense or HOME model.
+
+`LearnerGroup` runs L of these as Ray actors and calls every method on every rank at once: under
+ZeRO-3 each forward, backward and weight gather is a collective, so all ranks must make the same
+calls with the same number of micro-batches. Methods return results on every rank (training
+metrics as additive shares) or on rank 0 only (gathered weights).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from home_rl.learner.batch import Sequence, collate, micro_batches
+from home_rl.learner.config import LearnerConfig, trainable_patterns
+from home_rl.learner.losses import LossInputs, resolve_loss, router_ce, token_log_probs
+from home_rl.learner.optim import WarmupSchedule, param_groups, select_trainable
+
+log = logging.getLogger(__name__)
+
+ENGINE_TAG = "engine"  # the DeepSpeed tag inside a checkpoint folder
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def deepspeed_config(cfg: LearnerConfig, dtype: torch.dtype, world_size: int) -> dict:
+    """The DeepSpeed config for `cfg` (the CPU-tested recipe; the same on GPU)."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero.update(overlap_comm=False, contiguous_gradients=True, stage3_param_persistence_threshold=0,
+                    stage3_gather_16bit_weights_on_model_save=True)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        # The learner owns accumulation: every backward accumulates, every step() is a boundary,
+        # so a step may hold any number of micro-batches.
+        "managed_gradient_accumulation": False,
+        "train_batch_size": cfg.micro_batch_size * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int, cfg: dict, threads: int):
+        self.rank, self.world_size = rank, world_size
+        self.cfg = LearnerConfig(**cfg)
+        torch.set_num_threads(max(1, threads))
+        self.engine = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def address(self) -> tuple[str, int]:
+        """Rank 0's reachable address and a free port for the process group's rendezvous."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int, model_path: str, dtype: str, total_steps: int) -> dict:
+        """Join the process group, load the model, freeze what does not train, start the DeepSpeed engine."""
+        from home_rl.learner.model_io import load_for_training, torch_dtype
+
+        start = time.perf_counter()
+        use_cuda = torch.cuda.is_available() and self.cfg.device != "cpu"
+        if not use_cuda:
+            os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported: no CUDA probing
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0",
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        import deepspeed
+
+        if use_cuda:
+            torch.cuda.set_device(0)  # Ray gives each learner actor one GPU: CUDA_VISIBLE_DEVICES holds just it
+        backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+
+        self.dtype = torch_dtype(dtype)
+        if self.dtype == torch.bfloat16 and not bf16_supported(self.device):
+            log.warning("bfloat16 is not supported on this %s: the learner trains in float32", self.device.type)
+            self.dtype = torch.float32
+        self.model_path = model_path
+        ds_config = deepspeed_config(self.cfg, self.dtype, self.world_size)
+        model, self.is_home = load_for_training(model_path, self.dtype, ds_config, list(self.cfg.frozen_copies))
+        self.frozen_copies = tuple(item.partition("=")[0] for item in self.cfg.frozen_copies)
+        never = tuple(f"*.experts.{name}.*" for name in self.frozen_copies)
+        trainable = select_trainable(model, trainable_patterns(self.cfg.trainable), never)
+        if self.cfg.gradient_checkpointing:
+            base = model.base if self.is_home else model
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        betas = tuple(self.cfg.betas)
+        optimizer = torch.optim.AdamW(param_groups(model, self.cfg.weight_decay), lr=self.cfg.lr, betas=betas,
+                                      eps=self.cfg.eps)
+        schedule = WarmupSchedule(self.cfg.warmup_steps, total_steps, self.cfg.lr_schedule, self.cfg.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=ds_config)
+        counts = {"trainable": 0, "total": 0}
+        for p in self.engine.module.parameters():
+            n = int(getattr(p, "ds_numel", p.numel()))
+            counts["total"] += n
+            counts["trainable"] += n if p.requires_grad else 0
+        return {"rank": self.rank, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "is_home": self.is_home, "trainable_names": len(trainable), **counts,
+                "setup_s": round(time.perf_counter() - start, 2)}
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    # ------------------------------------------------------------------ compute
+
+    def _logits(self, mb) -> torch.Tensor:
+        """Logits [B, keep, vocab] of a micro-batch; a HOME model runs each row on its route (default think)."""
+        inputs = mb.model_inputs()
+        if self.is_home:
+            if mb.routes is not None and any(r is None for r in mb.routes):
+                raise ValueError("every sequence of a HOME model's batch needs a route, or none does")
+            inputs["route"] = mb.routes if mb.routes is not None else "think"
+        return self.engine(**inputs).logits
+
+    def _forward(self, mb, with_entropy: bool, temperature: float):
+        return token_log_probs(self._logits(mb), mb.targets, with_entropy, temperature)
+
+    def train_step(self, shard: list[Sequence], num_micro: int, totals: dict, loss: Any = "sft",
+                   router_loss_weight: float = 0.0, temperature: float = 1.0) -> dict:
+        """Forward/backward over `num_micro` micro-batches of this rank's shard, then one optimizer step.
+
+        `totals` are the whole step's counts (tokens, sequences, labelled) over every rank.
+        Returned metrics are this rank's additive shares; the group sums them.
+        """
+        spec = resolve_loss(loss)
+        if router_loss_weight and not self.is_home:
+            raise ValueError("a router loss needs a HOME model")
+        self.engine.train()
+        lr = self.engine.get_lr()[0]
+        sums: dict[str, float] = collections.defaultdict(float)
+        start = time.perf_counter()
+        for _, seqs in micro_batches(shard, self.cfg.micro_batch_size, num_micro):
+            mb = collate(seqs, pad_id=0).to(self.device)
+            log_probs, entropy = self._forward(mb, spec.needs_entropy, temperature)
+            inputs = LossInputs(log_probs=log_probs, entropy=entropy, loss_mask=mb.loss_mask, token_data=mb.token_data,
+                                seq_data=mb.seq_data, global_tokens=totals["tokens"],
+                                global_sequences=totals["sequences"], world_size=self.world_size)
+            share, metrics = spec.fn(inputs)
+            if router_loss_weight:
+                logits = self.module.route_logits(**mb.router_inputs())
+                router_share, router_metrics = router_ce(logits, mb.router_labels.to(logits.device), totals["labelled"])
+                share = share + router_loss_weight * router_share
+                metrics = {**metrics, **router_metrics}
+            # DeepSpeed averages gradients over ranks; the shares are already global, so undo the mean.
+            self.engine.backward(share * self.world_size, scale_wrt_gas=False)
+            sums["loss"] += share.item()
+            for key, value in metrics.items():
+                sums[key] += float(value)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return {**sums, "grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr,
+                "compute_s": time.perf_counter() - start, "step": int(self.engine.global_steps)}
+
+    @torch.no_grad()
+    def log_probs(self, shard: list[Sequence], num_micro: int, temperature: float = 1.0,
+                  with_entropy: bool = False) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Per sequence of the shard (in order): log-probs of its response tokens, and their entropies."""
+        self.engine.eval()
+        out: list = [None] * len(shard)
+        for indices, seqs in micro_batches(shard, self.cfg.micro_batch_size, num_micro):
+            mb = collate(seqs, pad_id=0).to(self.device)
+            log_probs, entropy = self._forward(mb, with_entropy, temperature)
+            lp = mb.per_sequence(log_probs)
+            ent = mb.per_sequence(entropy) if with_entropy else [None] * len(seqs)
+            for i, idx in enumerate(indices):
+                out[idx] = (lp[i].cpu(), None if ent[i] is None else ent[i].cpu())
+        return out
+
+    @torch.no_grad()
+    def logits(self, shard: list[Sequence], num_micro: int) -> list[torch.Tensor]:
+        """Per sequence: the logits [response tokens, vocab] that predict its response (for checks)."""
+        self.engine.eval()
+        out: list = [None] * len(shard)
+        for indices, seqs in micro_batches(shard, self.cfg.micro_batch_size, num_micro):
+            mb = collate(seqs, pad_id=0).to(self.device)
+            logits = self._logits(mb).float()
+            for i, idx in enumerate(indices):
+                positions = mb.response_mask[i].nonzero().squeeze(1)
+                out[idx] = logits[i, positions].cpu()
+        return out
+
+    # ------------------------------------------------------------------ weights
+
+    def weight_chunks(self, view: Optional[str], only_trainable: bool) -> list[list[str]]:
+        """Parameter names to gather, one list per decoder layer, then one for everything else.
+
+        `view` (HOME models): only the parameters of that expert's view. Frozen working copies
+        (e.g. a KL reference expert) are never part of a view.
+        """
+        by_layer: dict[int, list[str]] = collections.defaultdict(list)
+        rest: list[str] = []
+        for name, p in self.module.named_parameters():
+            if only_trainable and not p.requires_grad:
+                continue
+            if view is not None and self._view_name(name, view) is None:
+                continue
+            m = _LAYER.search(name)
+            (by_layer[int(m.group(1))] if m else rest).append(name)
+        chunks = [by_layer[i] for i in sorted(by_layer)]
+        return chunks + ([rest] if rest else [])
+
+    def _view_name(self, name: str, view: Optional[str]) -> Optional[str]:
+        if view is None:
+            return name
+        if not self.is_home:
+            raise ValueError(f"view={view!r} needs a HOME model; this learner holds a dense one")
+        from home_rl.model import view_name
+
+        return view_name(name, view)
+
+    def gather(self, names: list[str], view: Optional[str] = None) -> list[tuple[str, torch.Tensor]]:
+        """Full tensors of `names` (one layer's worth), under `view`'s names, on rank 0 (empty on others).
+
+        Every rank must call this with the same names: ZeRO-3 gathers collectively.
+        """
+        import deepspeed
+
+        params = dict(self.module.named_parameters())
+        chosen = [params[n] for n in names]
+        with deepspeed.zero.GatheredParameters(chosen, modifier_rank=None):
+            if self.rank != 0:
+                return []
+            return [(self._view_name(n, view), p.detach().to("cpu", copy=True)) for n, p in zip(names, chosen)]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, folder: str) -> None:
+        """Engine, optimiser and LR-schedule state of every rank into `folder` (all ranks call it)."""
+        self.engine.save_checkpoint(folder, tag=ENGINE_TAG)
+
+    def load_checkpoint(self, folder: str) -> int:
+        path, _ = self.engine.load_checkpoint(folder, tag=ENGINE_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no learner checkpoint in {folder}")
+        return int(self.engine.global_steps)
+
+    def save_model(self, out_dir: str) -> Optional[str]:
+        """The trained model as a checkpoint of the input's kind (dense folder or HOME), written by rank 0."""
+        from home_rl.learner.model_io import write_trained
+
+        if self.cfg.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()  # layer by layer onto rank 0
+        else:
+            state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        if self.rank != 0:
+            return None
+        return str(write_trained(state, self.model_path, self.module, self.is_home, out_dir, self.dtype,
+                                 drop_experts=self.frozen_copies))
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()

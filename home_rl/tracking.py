@@ -1,0 +1,76 @@
+"""Metrics sinks of a training run: one JSON object per step in metrics.jsonl, TensorBoard, a progress bar.
+
+On resume the run continues from its checkpoint's step: lines of metrics.jsonl past that step
+(written after the checkpoint by the run that was killed) are dropped, and TensorBoard purges
+the same steps, so the loss curve continues from the saved step without a fork.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, resume_step: int = 0, tensorboard: bool = True):
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / "metrics.jsonl"
+        self._truncate_after(resume_step)
+        self.file = self.path.open("a", encoding="utf-8")
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            except ImportError:
+                log.warning("tensorboard is not installed: metrics go to %s only", self.path)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut off by a kill
+                continue
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def progress(total: int, initial: int = 0, desc: str = "train", disable: Optional[bool] = None):
+    """A tqdm bar over optimizer steps (silent when stderr is not a terminal unless HOME_RL_PROGRESS=1)."""
+    import os
+    import sys
+
+    from tqdm import tqdm
+
+    if disable is None:
+        disable = not (sys.stderr.isatty() or os.environ.get("HOME_RL_PROGRESS") == "1")
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, disable=disable)
