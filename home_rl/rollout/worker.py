@@ -1,0 +1,284 @@
+"""RolloutWorker: one vLLM engine over an expert view, run as a Ray actor (or in-process in a script).
+
+    worker = RolloutWorker(view_folder, cfg, rank=0)
+    result = worker.generate(prompts, n=8)                # RolloutResult: samples per prompt, in input order
+    worker.update_weights(named_tensors, version=3)       # the think expert's tensors, under the view's names
+
+The same code drives vLLM's CPU build (engine inside this process, CPU threads and KV-cache GiB
+from the config) and its CUDA build (tensor_parallel_size, gpu_memory_utilization); only the
+config differs. Sampling is seeded per engine (seed + rank) and may be reseeded per call: a
+per-request `SamplingParams(seed=...)` crashes on the CPU build ("CPU Generator does not use offset").
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from home_rl.errors import ModelError
+from home_rl.rollout.config import RolloutConfig, check_rollout_config
+from home_rl.rollout.engine_ext import hold_incomplete, missing_fused_parts, pack_bucket
+from home_rl.rollout.inputs import RolloutInputError, describe, prepare_prompt
+from home_rl.rollout.types import RolloutResult, Sample
+
+EXTENSION = "home_rl.rollout.engine_ext.WeightUpdateExtension"
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_response_tokens", "stop")
+
+
+def threads_per_worker(cfg: RolloutConfig) -> int:
+    return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+
+
+def engine_env(cfg: RolloutConfig) -> dict[str, str]:
+    """Environment a worker process needs before vLLM is imported (also passed to Ray as runtime_env)."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if cfg.in_process_engine else "1",
+           "OMP_NUM_THREADS": str(threads_per_worker(cfg)),  # vLLM drops an in-process engine to 1 thread without it
+           "TOKENIZERS_PARALLELISM": "false"}
+    if cfg.cpu_threads_bind:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
+    return env
+
+
+def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], max_mb: float) -> Iterable[list[tuple[str, torch.Tensor]]]:
+    """Group (name, tensor) pairs into lists of at most max_mb MB (a larger tensor travels alone)."""
+    limit = max_mb * 2**20
+    bucket, size = [], 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > limit:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor.detach()))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, cfg: RolloutConfig, rank: int = 0):
+        check_rollout_config(cfg)
+        os.environ.update(engine_env(cfg))
+        if cfg.kv_cache_gib > 0:
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the config's size wins over a stray environment
+        torch.set_num_threads(threads_per_worker(cfg))
+        import transformers
+        from vllm import LLM
+
+        self.cfg, self.rank, self.model_path = cfg, rank, str(model_path)
+        self.version = 0
+        hf_config = transformers.AutoConfig.from_pretrained(self.model_path)
+        multimodal = hasattr(hf_config, "vision_config")
+        start = time.perf_counter()
+        self.llm = LLM(
+            model=self.model_path,
+            dtype=cfg.dtype,
+            seed=cfg.seed + rank,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            max_num_seqs=cfg.max_num_seqs,
+            logprobs_mode=cfg.logprobs_mode,
+            kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30) if cfg.kv_cache_gib > 0 else None,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            worker_extension_cls=EXTENSION,
+            limit_mm_per_prompt={"image": cfg.limit_images_per_prompt} if multimodal else None,
+        )
+        self.start_s = time.perf_counter() - start
+        self.tokenizer = self.llm.get_tokenizer()
+        self.image_token_id = _image_token_id(self.llm.llm_engine.model_config.hf_config) if multimodal else None
+        self._in_update = False
+        self._held: list[tuple[str, torch.Tensor]] = []  # fused parts waiting for their siblings
+        self.packed_modules = self.llm.collective_rpc("home_rl_packed_modules")[0]
+
+    def ready(self) -> dict:
+        return {"rank": self.rank, "pid": os.getpid(), "version": self.version, "start_s": self.start_s,
+                "threads": threads_per_worker(self.cfg), "model": self.model_path}
+
+    # ------------------------------------------------------------------ generation
+
+    def sampling_params(self, n: Optional[int] = None, sampling: Optional[dict] = None):
+        """vLLM SamplingParams from the config, with per-call overrides (keys of SAMPLING_KEYS)."""
+        from vllm import SamplingParams
+
+        sampling = dict(sampling or {})
+        unknown = set(sampling) - set(SAMPLING_KEYS)
+        if unknown:
+            raise RolloutInputError(f"unknown sampling override(s) {sorted(unknown)}; allowed: {', '.join(SAMPLING_KEYS)}")
+        get = lambda key: sampling.get(key, getattr(self.cfg, key))  # noqa: E731
+        return SamplingParams(
+            n=n or self.cfg.n,
+            temperature=get("temperature"),
+            top_p=get("top_p"),
+            top_k=get("top_k"),
+            max_tokens=get("max_response_tokens"),
+            stop=list(get("stop")),
+            include_stop_str_in_output=True,  # the text ends with "</answer>", as the tokens do
+            logprobs=0,  # the sampled token's log-prob only
+            flat_logprobs=True,  # a few lists per sample instead of a dict per token
+        )
+
+    def generate(self, prompts: Sequence[Any], n: Optional[int] = None, sampling: Optional[dict] = None,
+                 seed: Optional[int] = None, indices: Optional[Sequence[int]] = None,
+                 on_long_prompt: Optional[str] = None) -> RolloutResult:
+        """Generate n samples per prompt. Results come back per prompt, in input order.
+
+        seed: reseed the engine's sampler first (the same seed, prompts and weights give the same samples).
+        indices: the prompts' positions in a larger batch (the pool passes them), used in Sample.prompt_index
+        and error messages.
+        on_long_prompt: overrides rollout.on_long_prompt for this call (error | truncate | skip).
+        """
+        from vllm.exceptions import VLLMValidationError
+
+        start, cpu_start = time.perf_counter(), time.process_time()
+        indices = list(indices) if indices is not None else list(range(len(prompts)))
+        params = self.sampling_params(n, sampling)
+        policy = on_long_prompt or self.cfg.on_long_prompt
+        if policy not in RolloutConfig.CHOICES["on_long_prompt"]:
+            raise RolloutInputError(f"on_long_prompt must be one of {RolloutConfig.CHOICES['on_long_prompt']}, got {policy!r}")
+        prepared = [prepare_prompt(i, p, self.tokenizer, self.image_token_id, self.cfg.max_prompt_tokens, policy)
+                    for i, p in zip(indices, prompts)]
+        if seed is not None:
+            self.llm.collective_rpc("home_rl_seed", args=(seed,))
+        request_of: dict[str, int] = {}
+        try:
+            for k, p in enumerate(prepared):
+                if p.engine_input is None:
+                    continue
+                try:
+                    (request_id,) = self.llm.enqueue([p.engine_input], params, use_tqdm=False)
+                except VLLMValidationError as e:  # e.g. images made the prompt longer than the context
+                    if policy != "skip":
+                        raise RolloutInputError(f"{describe(p.index, p.row_id)}: {e}") from None
+                    p.too_long, p.engine_input = True, None
+                    continue
+                request_of[request_id] = k
+            by_output_id = {rid.split("-")[0]: k for rid, k in request_of.items()}  # outputs carry the counter part only
+            outputs = self.llm.wait_for_completion(use_tqdm=False) if request_of else []
+        except BaseException:
+            if request_of:
+                self.llm.llm_engine.abort_request(list(request_of), internal=True)
+            raise
+
+        samples: list[list[Sample]] = [[] for _ in prepared]
+        for out in outputs:
+            k = by_output_id[out.request_id]
+            samples[k] = [self._sample(prepared[k], out, c) for c in sorted(out.outputs, key=lambda c: c.index)]
+        seconds = time.perf_counter() - start
+        generated = sum(len(s.response_ids) for group in samples for s in group)
+        stats = {
+            "worker": self.rank, "prompts": len(prepared), "samples": sum(map(len, samples)),
+            "prompt_tokens": sum(len(g[0].prompt_ids) for g in samples if g),
+            "generated_tokens": generated, "seconds": seconds, "tokens_per_s": generated / max(seconds, 1e-9),
+            "cpu_seconds": time.process_time() - cpu_start,  # all threads of this process (an in-process engine's included)
+            "long_prompts": sum(p.too_long for p in prepared), "truncated_prompts": sum(p.truncated for p in prepared),
+            "skipped_prompts": sum(p.engine_input is None for p in prepared),
+            "finish_length": sum(s.finish_reason == "length" for g in samples for s in g),
+            "weights_version": self.version,
+        }
+        return RolloutResult(samples, stats)
+
+    def _sample(self, prompt, out, completion) -> Sample:
+        ids = list(completion.token_ids)
+        logprobs = completion.logprobs
+        if hasattr(logprobs, "start_indices"):  # FlatLogprobs: the sampled token sits first at each position
+            values = [logprobs.logprobs[i] for i in logprobs.start_indices]
+        else:
+            values = [logprobs[pos][tok].logprob for pos, tok in enumerate(ids)]
+        if len(values) != len(ids):
+            raise RuntimeError(f"vLLM returned {len(values)} log-probs for {len(ids)} tokens")
+        return Sample(prompt_index=prompt.index, sample_index=completion.index, prompt_ids=list(out.prompt_token_ids),
+                      response_ids=ids, logprobs=values, text=completion.text,
+                      finish_reason=completion.finish_reason or "abort", stop_reason=completion.stop_reason,
+                      weights_version=self.version, worker=self.rank, prompt_truncated=prompt.truncated,
+                      row_id=prompt.row_id)
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+                       bucket_mb: Optional[float] = None) -> dict:
+        """Load changed tensors (checkpoint names of the served view) in buckets; untouched ones stay as they are."""
+        start = time.perf_counter()
+        self.begin_weight_update()
+        nbytes = 0
+        try:
+            for bucket in iter_buckets(named_tensors, bucket_mb or self.cfg.update_bucket_mb):
+                nbytes += self.load_weight_bucket(bucket)
+        except BaseException:
+            self.abort_weight_update()
+            raise
+        stats = self.finish_weight_update(version)
+        return {**stats, "bytes": nbytes, "seconds": time.perf_counter() - start}
+
+    def begin_weight_update(self) -> None:
+        if self._in_update:
+            raise RuntimeError(f"rollout worker {self.rank}: a weight update is already in progress")
+        self.llm.collective_rpc("home_rl_begin_update")
+        self._in_update, self._held = True, []
+
+    def load_weight_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
+        """Load one bucket of a begun update; returns its bytes.
+
+        A part of a fused layer (q_proj of qkv_proj, ...) waits here until its siblings arrive, so the
+        engine never sees an incomplete fused layer.
+        """
+        if not self._in_update:
+            raise RuntimeError(f"rollout worker {self.rank}: load_weight_bucket before begin_weight_update")
+        ready, self._held = hold_incomplete(self._held + list(bucket), self.packed_modules)
+        if not ready:
+            return 0
+        payload = ready if self.cfg.in_process_engine else pack_bucket(ready)
+        try:
+            return self.llm.collective_rpc("home_rl_load_bucket", args=(payload,))[0]
+        except BaseException as e:
+            self.abort_weight_update()
+            names = ", ".join(name for name, _ in ready[:4]) + (", ..." if len(ready) > 4 else "")
+            raise ModelError(f"rollout worker {self.rank}: cannot load weights [{names}]: {type(e).__name__}: {e}; "
+                             "the update was abandoned (layers already complete keep their new weights)") from e
+
+    def finish_weight_update(self, version: int) -> dict:
+        """Finish a begun update: process the new weights, reset the prefix cache, adopt `version`."""
+        if not self._in_update:
+            raise RuntimeError(f"rollout worker {self.rank}: finish_weight_update before begin_weight_update")
+        if self._held:
+            missing = missing_fused_parts([name for name, _ in self._held], self.packed_modules)
+            self.abort_weight_update()
+            raise ModelError(f"rollout worker {self.rank}: the update lacks {', '.join(missing[:6])}, fused with "
+                             f"{', '.join(name for name, _ in self._held[:6])}; those were not loaded (the rest was) "
+                             f"and the weights version stays {self.version}")
+        self._in_update = False
+        report = self.llm.collective_rpc("home_rl_finish_update")[0]
+        self._reset_caches()
+        self.version = int(version)
+        return {"tensors": report["tensors"], "version": self.version, "repacked_lm_heads": report["repacked_lm_heads"]}
+
+    def abort_weight_update(self) -> None:
+        """Abandon a begun update (no-op without one): layers not yet complete keep their old weights."""
+        if self._in_update:
+            self._in_update, self._held = False, []
+            self.llm.collective_rpc("home_rl_finish_update", kwargs={"abort": True})
+            self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        """Drop what was computed with the old weights: prompts' KV blocks and images' encoder outputs."""
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()  # scheduler's bookkeeping and the runner's storage together
+
+    def engine_tensors(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Copies of the engine's own parameters (vLLM names, e.g. model.norm.weight): for checks and debugging."""
+        return self.llm.collective_rpc("home_rl_get_tensors", args=(list(names),))[0]
+
+    def shutdown(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
+
+def _image_token_id(hf_config) -> Optional[int]:
+    for key in ("image_token_id", "image_token_index"):
+        value = getattr(hf_config, key, None)
+        if value is not None:
+            return int(value)
+    raise ModelError(f"{type(hf_config).__name__} names no image token (image_token_id): cannot check image prompts")
