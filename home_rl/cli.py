@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Any, Callable, Optional, TypeVar
 
@@ -19,6 +20,9 @@ def run_recipe(main: Callable[[T], Any], schema: type[T], argv: Optional[list[st
     """
     logging.basicConfig(level=os.environ.get("HOME_RL_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # `ray job stop` and schedulers send SIGTERM: exit through the `finally` blocks, which kill this
+    # run's actors, instead of dying at once and leaving actors (and their engines) to linger.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         cfg = load_config(schema, argv)
         return main(cfg)
@@ -27,3 +31,7 @@ def run_recipe(main: Callable[[T], Any], schema: type[T], argv: Optional[list[st
             raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)

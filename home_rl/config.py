@@ -166,22 +166,29 @@ def to_dict(cfg: Any) -> dict:
 # ----------------------------------------------------------------------------- introspection
 
 
-def iter_fields(schema: type, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
-    """Yield (dotted key, type name, default, comment) for every leaf field of a config dataclass."""
-    comments = field_comments(schema)
-    hints = typing.get_type_hints(schema)
-    for f in dataclasses.fields(schema):
+def iter_fields(schema: Any, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
+    """Yield (dotted key, type name, default, comment) for every leaf field of a config dataclass.
+
+    `schema` may be a class or an instance: a section made by a default_factory is walked as that
+    instance, so a recipe's own defaults for a shared section (e.g. 2 learners) are what is shown.
+    """
+    cls = schema if isinstance(schema, type) else type(schema)
+    comments = field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         ftype = hints.get(f.name, f.type)
-        if dataclasses.is_dataclass(ftype):
-            yield from iter_fields(ftype, key + ".")
-            continue
-        if f.default is not dataclasses.MISSING:
+        if not isinstance(schema, type):
+            default = getattr(schema, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
             default = "???"
+        if dataclasses.is_dataclass(ftype):
+            yield from iter_fields(default if dataclasses.is_dataclass(default) else ftype, key + ".")
+            continue
         yield key, _type_name(ftype), default, comments.get(f.name, "")
 
 

@@ -1,0 +1,106 @@
+"""GRPO's math, from verl's `core_algos`: group-normalised advantages, the clipped policy loss, the
+KL penalty to the reference policy, and their aggregation.
+
+The learner calls `GRPOLoss` on one micro-batch at a time and expects the micro-batch's *share* of
+the step's loss (normalised by the token / sequence counts of the whole step, on every rank), so
+verl's `agg_loss` is called with dp_size=1 and the global counts. Metrics are returned as shares
+too, so that summing them over micro-batches and ranks gives step-level means.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+
+POLICY_LOSSES = ("vanilla", "gspo", "clip_cov", "kl_cov", "geo_mean", "gpg", "cispo", "sapo")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("low_var_kl", "k1", "k2", "k3", "abs", "mse")
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    norm_adv_by_std: bool = True  # divide by the group's reward std (GRPO); false gives Dr.GRPO's mean-only advantages
+    policy_loss: str = "vanilla"  # verl policy loss: vanilla (clipped PPO ratio), gspo (sequence-level ratio), ...
+    clip_ratio_low: float = 0.2  # ratio clipped below at 1 - clip_ratio_low
+    clip_ratio_high: float = 0.28  # ratio clipped above at 1 + clip_ratio_high (DAPO's clip-higher)
+    clip_ratio_c: float = 3.0  # dual-clip bound for negative advantages (must be > 1)
+    loss_agg_mode: str = "token-mean"  # how token losses become one number: token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    kl_coef: float = 0.001  # weight of the KL penalty to the reference think expert; 0 skips reference log-probs
+    kl_estimator: str = "low_var_kl"  # verl KL estimator: low_var_kl | k1 | k2 | k3 | abs | mse
+    entropy_coef: float = 0.0  # entropy bonus weight (entropy is always logged)
+    ppo_epochs: int = 1  # passes over each step's rollouts
+    mini_batches: int = 1  # optimizer steps per pass (the step's sequences split into this many mini-batches)
+    recompute_old_log_probs: bool = True  # old log-probs from the learner (exact); false uses the rollout engine's
+    filter_zero_variance: bool = False  # DAPO-style: drop prompt groups whose rewards are all equal, regenerate to refill
+    max_regenerations: int = 2  # extra rollout rounds per step to refill the batch after filtering
+
+    CHOICES: ClassVar[dict] = {"policy_loss": POLICY_LOSSES, "loss_agg_mode": LOSS_AGG_MODES,
+                               "kl_estimator": KL_ESTIMATORS}
+
+
+def group_advantages(rewards: Sequence[float], group_ids: Sequence[int], norm_by_std: bool = True,
+                     epsilon: float = 1e-6) -> np.ndarray:
+    """One advantage per sample: its reward normalised within its prompt's group (verl's GRPO estimator)."""
+    from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+    scores = torch.tensor(np.asarray(rewards, dtype=np.float32)).unsqueeze(1)  # the reward sits on one token
+    mask = torch.ones_like(scores)
+    adv, _ = compute_grpo_outcome_advantage(scores, mask, np.asarray(group_ids), epsilon=epsilon,
+                                            norm_adv_by_std_in_grpo=norm_by_std)
+    return adv[:, 0].numpy()
+
+
+def zero_variance_groups(rewards: Sequence[float], group_ids: Sequence[int]) -> set[int]:
+    """Groups whose rewards are all equal: their advantages are 0, so they teach nothing."""
+    by_group: dict[int, set[float]] = {}
+    for r, g in zip(rewards, group_ids):
+        by_group.setdefault(g, set()).add(float(r))
+    return {g for g, values in by_group.items() if len(values) == 1}
+
+
+@dataclasses.dataclass
+class GRPOLoss:
+    """The learner's loss for one micro-batch: policy loss + kl_coef * KL - entropy_coef * entropy."""
+
+    cfg: GRPOConfig
+    needs_entropy: bool = True  # entropy is a metric even when its coefficient is 0
+
+    def __call__(self, x) -> tuple[torch.Tensor, dict]:
+        from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
+        from verl.workers.config import ActorConfig
+
+        cfg = self.cfg
+        mask = x.loss_mask
+        counts = {"dp_size": 1, "batch_num_tokens": x.global_tokens, "global_batch_size": x.global_sequences}
+        # verl's policy losses read their knobs from its ActorConfig (gspo insists on the type)
+        policy_config = ActorConfig(
+            strategy="deepspeed", rollout_n=1, ppo_micro_batch_size_per_gpu=1, policy_loss={"loss_mode": cfg.policy_loss},
+            clip_ratio=cfg.clip_ratio_low, clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,
+            clip_ratio_c=cfg.clip_ratio_c, loss_agg_mode=cfg.loss_agg_mode, global_batch_info=counts)
+        advantages = x.token_data["advantages"].to(x.log_probs.dtype)
+        old = x.token_data["old_log_probs"].to(x.log_probs.dtype)
+        pg_loss, pg_metrics = get_policy_loss_fn(cfg.policy_loss)(
+            old_log_prob=old, log_prob=x.log_probs, advantages=advantages, response_mask=mask,
+            loss_agg_mode=cfg.loss_agg_mode, config=policy_config, rollout_is_weights=None)
+        loss = pg_loss
+
+        def mean_share(values: torch.Tensor) -> float:  # this micro-batch's part of the step's token mean
+            return float((values * mask).sum() / max(x.global_tokens, 1.0))
+
+        # verl's clip fractions are micro-batch means: weight them by the micro-batch's token share
+        weight = float(mask.sum()) / max(x.global_tokens, 1.0)
+        metrics = {"pg_loss": float(pg_loss.detach()),
+                   "clip_frac": pg_metrics.get("actor/pg_clipfrac", 0.0) * weight,
+                   "ppo_kl": pg_metrics.get("actor/ppo_kl", 0.0) * weight}
+        if cfg.kl_coef > 0:
+            kl = kl_penalty(x.log_probs, x.token_data["ref_log_probs"].to(x.log_probs.dtype), cfg.kl_estimator)
+            kl_loss = agg_loss(kl, mask, cfg.loss_agg_mode, **counts)
+            loss = loss + cfg.kl_coef * kl_loss
+            metrics["kl"] = mean_share(kl.detach())
+        if x.entropy is not None:
+            if cfg.entropy_coef:
+                loss = loss - cfg.entropy_coef * agg_loss(x.entropy, mask, cfg.loss_agg_mode, **counts)
+            metrics["entropy"] = mean_share(x.entropy.detach())
+        return loss, metrics

@@ -1,0 +1,1 @@
+"""The driver loops: one controller process that calls the actor groups (learners, rollout, reward)."""

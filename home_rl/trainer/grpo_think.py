@@ -1,0 +1,394 @@
+"""The main job's driver: GRPO on the think expert of a HOME model.
+
+One controller process calls three Ray actor groups. Per step:
+
+    prompts -> rollout (think view, vLLM) -> rewards (verifier pool) -> group advantages
+            -> old / reference log-probs (learners) -> PPO-style updates (learners, ZeRO-3)
+            -> think-expert weights pushed to the rollout workers
+
+Only the think expert trains by default: the fast expert and the shared weights stay frozen, so
+the fast view's outputs do not move. The KL reference is a frozen copy of the initial think
+expert inside the same model (`think_ref`), not a second model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from data_pipelines import DataConfig, PromptLoader, load_dataset, render_prompt
+from home_rl.config import ModelConfig, save_config, to_dict
+from home_rl.errors import ConfigError, HomeRLError
+from home_rl.grpo import GRPOConfig, GRPOLoss, group_advantages, zero_variance_groups
+from home_rl.learner.batch import Sequence
+from home_rl.learner.checkpoint import read_state, resolve_resume, save_checkpoint
+from home_rl.learner.config import LearnerConfig
+from home_rl.learner.sft import TrainerConfig
+from home_rl.rollout.config import RolloutConfig
+from reward import RewardConfig
+
+log = logging.getLogger(__name__)
+
+THINK, REFERENCE = "think", "think_ref"
+
+
+def _learner_defaults() -> LearnerConfig:
+    return LearnerConfig(num_learners=2, trainable="think", lr=1e-5)
+
+
+@dataclasses.dataclass
+class GRPOThinkConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the HOME checkpoint to train (smollm2: the embedded default, built by its cold start when absent)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # prompts (data.path empty: synthetic multi-step math made for this run)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)  # vLLM workers serving the think view
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)  # verifiers per data_source and their worker pool
+    learner: LearnerConfig = dataclasses.field(default_factory=_learner_defaults)  # DeepSpeed ZeRO-3 learners
+    algorithm: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)  # advantages, policy loss, KL, PPO epochs
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)  # steps, checkpoints, resume, logging
+    train_shared: bool = False  # also train shared weights (attention, embeddings, ...): the fast expert then drifts
+    synthetic_rows: int = 2000  # rows of synthetic math made when data.path is empty
+    synthetic_levels: str = "1-6"  # math steps of the synthetic rows (e.g. 2-4)
+    seed: int = 0  # seeds data order, sampling and every actor
+    output_dir: str = "outputs/grpo_think"  # config.yaml, metrics.jsonl, checkpoints/, final/, plots/
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def ensure_ray(cfg: GRPOThinkConfig) -> None:
+    """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local runtime sized for this job."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    # Ray schedules by logical CPUs: declare enough for every actor, then size threads per actor.
+    need = (cfg.learner.num_learners * cfg.learner.cpus_per_learner + cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
+            + cfg.reward.num_workers * cfg.reward.cpus_per_worker + 1)
+    ray.init(address="local", num_cpus=max(int(np.ceil(need)), os.cpu_count() or 1), include_dashboard=False,
+             log_to_driver=True)
+
+
+def resolve_home_checkpoint(cfg: GRPOThinkConfig) -> Path:
+    """The HOME checkpoint to start from; the embedded default is built (cold start + upcycle) when missing."""
+    from home_rl.model import is_home_checkpoint
+    from home_rl.model.embedded import EMBEDDED
+
+    if cfg.model.path in EMBEDDED:
+        from home_rl.learner.cold_start import ensure_cold_start
+
+        return Path(ensure_cold_start(cfg.model.path))
+    path = Path(cfg.model.path)
+    if not path.is_dir():
+        raise ConfigError(f"model.path: no such folder {cfg.model.path!r}")
+    if not is_home_checkpoint(path):
+        raise ConfigError(f"model.path={cfg.model.path!r} is a dense checkpoint: GRPO trains the think expert of a "
+                          f"HOME checkpoint; make one with recipes/upcycle.py model.path={cfg.model.path}")
+    return path
+
+
+def make_synthetic_data(cfg: GRPOThinkConfig, out: Path) -> str:
+    from data_pipelines.synthetic import generate
+
+    folder = out / "data"
+    if not (folder / "data.jsonl").is_file():
+        lo, _, hi = cfg.synthetic_levels.partition("-")
+        generate("math", cfg.synthetic_rows, cfg.seed, folder, levels=list(range(int(lo), int(hi or lo) + 1)))
+    return str(folder / "data.jsonl")
+
+
+def load_processor(path: Path) -> Any:
+    """The model's processor (Qwen2.5-VL) or tokenizer (text models)."""
+    import transformers
+
+    from home_rl.model.architectures import architecture_of, read_config_json
+
+    if architecture_of(read_config_json(path)).multimodal:
+        return transformers.AutoProcessor.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def export_think_view(home_dir: Path, out: Path) -> Path:
+    """The think view of the starting checkpoint, for the rollout engines (made once per run)."""
+    import torch
+
+    from home_rl.model import HomeModel
+
+    view = out / "views" / THINK
+    if not (view / "config.json").is_file():
+        HomeModel.from_pretrained(home_dir, dtype=torch.float32).export_view(THINK, view)
+    return view
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class GRPOThinkTrainer:
+    def __init__(self, cfg: GRPOThinkConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        if cfg.train_shared:
+            log.warning("train_shared=true: shared weights train too, so the fast expert's outputs drift")
+            cfg.learner.trainable = "think,shared"
+        if cfg.algorithm.kl_coef > 0 and not any(c.startswith(REFERENCE + "=") for c in cfg.learner.frozen_copies):
+            cfg.learner.frozen_copies = [*cfg.learner.frozen_copies, f"{REFERENCE}={THINK}"]
+        if not cfg.data.path:
+            cfg.data.path = make_synthetic_data(cfg, self.out)
+        cfg.data.seed = cfg.seed
+        save_config(cfg, self.out)
+
+        self.home_dir = resolve_home_checkpoint(cfg)
+        self.processor = load_processor(self.home_dir)
+        data = load_dataset(cfg.data, self.processor, experts=(THINK,))
+        self.rows = data.rows
+        if not self.rows:
+            raise HomeRLError(f"no usable rows in {cfg.data.path}")
+        self.loader = PromptLoader(self.rows, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
+
+        from home_rl.learner import LearnerGroup
+        from home_rl.rollout import RolloutPool
+        from reward import RewardPool
+
+        ensure_ray(cfg)
+        self.rewards = RewardPool(cfg.reward)
+        self.rewards.validate_sources({r["data_source"] for r in self.rows})  # unmapped sources fail now, not mid-run
+        self.rollout = RolloutPool(str(export_think_view(self.home_dir, self.out)), cfg.rollout)
+        self.learner = LearnerGroup(cfg.learner, str(self.home_dir), dtype=cfg.model.dtype,
+                                    total_steps=cfg.trainer.total_steps)
+        self.step = 0
+        resume = resolve_resume(self.out, cfg.trainer.resume)
+        if resume is not None:
+            self._resume(resume)
+
+    def _resume(self, folder: Path) -> None:
+        state = read_state(folder)
+        self.learner.load_checkpoint(str(folder))
+        self.loader.load_state_dict(state["loader"])
+        random.setstate(_tuple_state(state["python_rng"]))
+        np.random.set_state(_numpy_state(state["numpy_rng"]))
+        self.step = int(state["step"])
+        # the engines start from the checkpoint's initial think expert: bring them to the resumed weights
+        self.rollout.update_weights(self.learner.iter_weights(view=THINK, only_trainable=True), version=self.step)
+        log.info("resumed from %s at step %d", folder, self.step)
+
+    # ------------------------------------------------------------------ one step
+
+    def rollout_and_score(self, rows: list[dict]) -> tuple[list, list, dict]:
+        """Render, generate n samples per prompt, score them. Returns (rendered, groups of scored samples, stats)."""
+        rendered = [render_prompt(row, THINK, self.processor, self.cfg.data) for row in rows]
+        t0 = time.perf_counter()
+        result = self.rollout.generate(rendered, n=self.cfg.rollout.n, seed=self.cfg.seed * 100_003 + self.step)
+        t1 = time.perf_counter()
+        to_score = [{"id": f"{rows[i]['id']}#{s.sample_index}", "response": s.text, "ground_truth": rows[i]["answer"],
+                     "data_source": rows[i]["data_source"],
+                     "extra_info": {**(rows[i].get("extra_info") or {}), "expert": THINK}}
+                    for i, group in enumerate(result.samples) for s in group]
+        scores, reward_metrics = self.rewards.score(to_score)
+        t2 = time.perf_counter()
+        it = iter(scores)
+        groups = [[(s, next(it)) for s in group] for group in result.samples]
+        return rendered, groups, {"rollout_s": t1 - t0, "reward_s": t2 - t1, "rollout": result.stats,
+                                  "reward": reward_metrics}
+
+    def collect(self) -> tuple[list[dict], list, list, dict]:
+        """A step's prompt groups; with zero-variance filtering, regenerate until the batch is full (or the limit)."""
+        cfg = self.cfg.algorithm
+        want = self.cfg.data.prompts_per_step
+        rows, rendered, groups, timing = [], [], [], defaultdict(float)
+        first_zero_std = None
+        stats = {}
+        for attempt in range(1 + (cfg.max_regenerations if cfg.filter_zero_variance else 0)):
+            batch_rows = self.loader.next_batch()
+            r, g, s = self.rollout_and_score(batch_rows)
+            timing["rollout_s"] += s["rollout_s"]
+            timing["reward_s"] += s["reward_s"]
+            stats = stats or s
+            flat = [(i, score["score"]) for i, group in enumerate(g) for _, score in group]
+            zero = zero_variance_groups([x[1] for x in flat], [x[0] for x in flat])
+            if first_zero_std is None:
+                first_zero_std = len(zero) / max(len(g), 1)
+            keep = [i for i in range(len(g)) if not (cfg.filter_zero_variance and i in zero)]
+            rows += [batch_rows[i] for i in keep]
+            rendered += [r[i] for i in keep]
+            groups += [g[i] for i in keep]
+            if len(groups) >= want or not cfg.filter_zero_variance:
+                break
+        stats.update(timing, zero_std_frac=first_zero_std, regenerations=attempt, kept_groups=len(groups))
+        return rows[:want], rendered[:want], groups[:want], stats
+
+    def train_step(self) -> dict:
+        cfg, alg = self.cfg, self.cfg.algorithm
+        start = time.perf_counter()
+        rows, rendered, groups, stats = self.collect()
+        metrics: dict[str, float] = {}
+        if not groups:  # every group was filtered out: nothing to learn from this step
+            self.step += 1
+            return {"skipped": 1.0, "zero_std_frac": stats["zero_std_frac"], "timing/step_s": time.perf_counter() - start}
+
+        rewards = [score["score"] for group in groups for _, score in group]
+        group_ids = [i for i, group in enumerate(groups) for _ in group]
+        advantages = group_advantages(rewards, group_ids, alg.norm_adv_by_std)
+        seqs = []
+        for (i, (sample, _)), adv in zip([(i, x) for i, group in enumerate(groups) for x in group], advantages):
+            n = len(sample.response_ids)
+            token_data = {"advantages": [float(adv)] * n}
+            if not alg.recompute_old_log_probs:
+                token_data["old_log_probs"] = list(sample.logprobs)
+            seqs.append(Sequence(prompt_ids=rendered[i].prompt_token_ids, response_ids=list(sample.response_ids),
+                                 route=THINK, token_data=token_data, mm_inputs=rendered[i].mm_inputs,
+                                 mm_token_type_ids=rendered[i].mm_token_type_ids))
+
+        t0 = time.perf_counter()
+        if alg.recompute_old_log_probs:
+            for seq, lp in zip(seqs, self.learner.log_probs(seqs)):
+                seq.token_data["old_log_probs"] = lp.tolist()
+        t1 = time.perf_counter()
+        if alg.kl_coef > 0:
+            ref = self.learner.log_probs([dataclasses.replace(s, route=REFERENCE) for s in seqs])
+            for seq, lp in zip(seqs, ref):
+                seq.token_data["ref_log_probs"] = lp.tolist()
+        t2 = time.perf_counter()
+
+        loss = GRPOLoss(alg)
+        update: dict[str, float] = defaultdict(float)
+        updates = 0
+        rng = random.Random(self.cfg.seed * 7919 + self.step)
+        for _ in range(alg.ppo_epochs):
+            order = list(range(len(seqs)))
+            rng.shuffle(order)
+            for part in np.array_split(order, alg.mini_batches):
+                m = self.learner.train_step([seqs[j] for j in part], loss=loss)
+                updates += 1
+                for key in ("loss", "pg_loss", "clip_frac", "ppo_kl", "kl", "entropy", "grad_norm", "lr"):
+                    if key in m:
+                        update[key] += m[key]
+        t3 = time.perf_counter()
+        sync = self.rollout.update_weights(self.learner.iter_weights(view=THINK, only_trainable=True),
+                                           version=self.step + 1)
+        t4 = time.perf_counter()
+        self.step += 1
+
+        metrics.update({f"actor/{k}": v / updates for k, v in update.items()})
+        metrics.update(self._reward_metrics(rows, groups))
+        lengths = [len(s.response_ids) for group in groups for s, _ in group]
+        generated = sum(lengths)
+        step_s = t4 - start
+        metrics.update({
+            "response_length/mean": float(np.mean(lengths)), "response_length/max": float(np.max(lengths)),
+            "response_length/clip_frac": float(np.mean([s.finish_reason == "length" for g in groups for s, _ in g])),
+            "zero_std_frac": stats["zero_std_frac"], "regenerations": stats["regenerations"],
+            "timing/rollout_s": stats["rollout_s"], "timing/reward_s": stats["reward_s"],
+            "timing/old_log_prob_s": t1 - t0, "timing/reference_s": t2 - t1, "timing/update_s": t3 - t2,
+            "timing/weight_sync_s": t4 - t3, "timing/step_s": step_s,
+            "throughput/generated_tokens_per_s": generated / max(stats["rollout_s"], 1e-9),
+            "throughput/tokens_per_s": (generated + sum(len(s.prompt_ids) for s in seqs)) / step_s,
+            "weight_sync/tensors": sync["tensors"], "weight_sync/mb": sync["bytes"] / 2**20,
+        })
+        for key, value in (stats.get("reward") or {}).items():  # verifier failures, per-verifier means, ...
+            if isinstance(value, (int, float)):
+                metrics[f"reward_pool/{key.removeprefix('reward/')}"] = value
+        self._dump_rollouts(rows, groups)
+        return metrics
+
+    def _dump_rollouts(self, rows: list[dict], groups: list) -> None:
+        """rollouts/step_N.jsonl: every sample of the step with its prompt id, reward and text (for reading runs)."""
+        import json
+
+        folder = self.out / "rollouts"
+        folder.mkdir(exist_ok=True)
+        with open(folder / f"step_{self.step:06d}.jsonl", "w") as f:
+            for row, group in zip(rows, groups):
+                for sample, score in group:
+                    f.write(json.dumps({"id": row["id"], "sample": sample.sample_index, "score": score["score"],
+                                        "finish": sample.finish_reason, "weights_version": sample.weights_version,
+                                        "response": sample.text}) + "\n")
+
+    @staticmethod
+    def _reward_metrics(rows: list[dict], groups: list) -> dict[str, float]:
+        """Reward, accuracy and format rate, overall and per data_source."""
+        per_source: dict[str, list[dict]] = defaultdict(list)
+        for row, group in zip(rows, groups):
+            per_source[row["data_source"]] += [score for _, score in group]
+        out = {}
+        everything = [s for scores in per_source.values() for s in scores]
+        for name, scores in [("", everything)] + [(f"/{src}", s) for src, s in sorted(per_source.items())]:
+            values = np.array([s["score"] for s in scores], dtype=float)
+            out[f"reward{name}/mean"] = float(values.mean())
+            if not name:
+                out["reward/std"] = float(values.std())
+            for key in ("accuracy", "format"):  # None where no verifier of that kind is configured
+                values = [s[key] for s in scores if s.get(key) is not None]
+                if values:
+                    out[f"{key}{name}"] = float(np.mean(values))
+        return out
+
+    # ------------------------------------------------------------------ the run
+
+    def checkpoint(self) -> Path:
+        state = {"loader": self.loader.state_dict(), "python_rng": random.getstate(),
+                 "numpy_rng": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()],
+                 "weights_version": self.step}
+        return save_checkpoint(self.out, self.step, self.learner, state, keep=self.cfg.trainer.keep_checkpoints)
+
+    def run(self) -> Path:
+        from home_rl.tracking import MetricsLogger, progress
+
+        t = self.cfg.trainer
+        logger = MetricsLogger(self.out, resume_step=self.step, tensorboard=t.tensorboard)
+        bar = progress(t.total_steps, initial=self.step, desc="grpo")
+        try:
+            while self.step < t.total_steps:
+                metrics = self.train_step()
+                logger.log(self.step, metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                                len=f"{metrics.get('response_length/mean', 0):.0f}")
+                if t.log_every and self.step % t.log_every == 0:
+                    log.info("step %d: reward %.3f acc %.3f len %.1f step %.1fs", self.step,
+                             metrics.get("reward/mean", float("nan")), metrics.get("accuracy", float("nan")),
+                             metrics.get("response_length/mean", 0), metrics.get("timing/step_s", 0))
+                if t.save_every and self.step % t.save_every == 0 and self.step < t.total_steps:
+                    self.checkpoint()
+        finally:
+            bar.close()
+            logger.close()
+        final = Path(self.learner.save_model(str(self.out / "final")))
+        from home_rl.plots import plot_metrics
+
+        plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
+        return final
+
+    def shutdown(self) -> None:
+        for group in (self.rollout, self.learner, self.rewards):
+            try:
+                group.shutdown()
+            except Exception:  # best effort at exit: a dead actor must not hide the real error
+                log.exception("shutdown of %s failed", type(group).__name__)
+
+
+def _tuple_state(state: list) -> tuple:
+    return (state[0], tuple(state[1]), state[2])
+
+
+def _numpy_state(state: list) -> tuple:
+    return (state[0], np.asarray(state[1], dtype=np.uint32), state[2], state[3], state[4])
+
+
+def train(cfg: GRPOThinkConfig) -> Path:
+    trainer = GRPOThinkTrainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.shutdown()

@@ -1,0 +1,83 @@
+"""`ray start --head` + `ray job submit ... recipes/grpo_think.py` works, and `ray job stop` leaves nothing behind."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from home_rl.model import upcycle
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ADDRESS = "http://127.0.0.1:8265"
+
+
+def ray_cli(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=REPO)
+
+
+def submit_with_retry(env: dict, *args: str) -> subprocess.CompletedProcess:
+    """Submit; while the head reports no job agent yet (it registers late on a busy machine), try again."""
+    deadline = time.time() + 120
+    while True:
+        job = ray_cli("job", "submit", f"--address={ADDRESS}", "--working-dir=.", *args, env=env, timeout=600)
+        if "No available agent" not in job.stderr or time.time() > deadline:
+            return job
+        time.sleep(3)
+
+
+def actor_processes() -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in ps.splitlines() if "ray::LearnerWorker" in line or "ray::RolloutWorker" in line
+            or "ray::RewardWorker" in line]
+
+
+@pytest.fixture()
+def ray_head():
+    import tempfile
+
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    started = ray_cli("start", "--head", "--num-cpus=8", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                      f"--temp-dir={temp}", "--disable-usage-stats", env=env)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        deadline = time.time() + 120  # the job agent comes up some seconds after `ray start` returns
+        while ray_cli("job", "list", f"--address={ADDRESS}", env=env).returncode != 0 and time.time() < deadline:
+            time.sleep(2)
+        yield env
+    finally:
+        ray_cli("stop", "--force", env=env)
+
+
+def test_ray_job_submit_runs_the_main_job(ray_head, tiny_model, tmp_path):
+    home = upcycle(tiny_model("qwen2")).save_pretrained(tmp_path / "home")
+    args = [f"model.path={home}", "model.dtype=float32", f"output_dir={tmp_path / 'run'}", "trainer.total_steps=2",
+            "synthetic_rows=16", "data.prompts_per_step=4", "rollout.n=2", "rollout.max_response_tokens=8",
+            "rollout.dtype=float32", "rollout.kv_cache_gib=0.5", "rollout.max_model_len=768",
+            "data.max_prompt_tokens=512", "learner.num_learners=1", "reward.num_workers=1"]
+    job = submit_with_retry(ray_head, "--submission-id=grpo-smoke", "--", "python", "recipes/grpo_think.py", *args)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+    assert "final HOME checkpoint" in job.stdout
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # a second job, stopped while it runs: its actors must go away with it
+    submit_with_retry(ray_head, "--submission-id=grpo-stop", "--no-wait", "--", "python", "recipes/grpo_think.py",
+                      *args, "trainer.total_steps=50", f"output_dir={tmp_path / 'run2'}")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "run2" / "metrics.jsonl").exists():
+        time.sleep(2)
+    assert (tmp_path / "run2" / "metrics.jsonl").exists(), "the second job never started training"
+    stopped = ray_cli("job", "stop", f"--address={ADDRESS}", "grpo-stop", env=ray_head)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    deadline = time.time() + 90
+    while time.time() < deadline and actor_processes():
+        time.sleep(2)
+    assert actor_processes() == []
