@@ -1,0 +1,132 @@
+"""Config sections of the router stage (recipes/train_router.py) and the hybrid evaluation (recipes/evaluate.py)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, List
+
+from data_pipelines import DataConfig
+from home_rl.errors import ConfigError
+from home_rl.rollout.config import RolloutConfig
+from reward import RewardConfig
+
+DEFAULT_CHECKPOINT = "outputs/grpo_think/final"  # what recipes/grpo_think.py writes with its defaults
+DEFAULT_ROUTER_OUTPUT = "outputs/router"
+
+
+def _rollout_defaults() -> RolloutConfig:
+    # 4 samples per expert give accuracies in steps of 0.25: enough to tell a real gain from a tie, and cheap.
+    return RolloutConfig(n=4, max_response_tokens=128)
+
+
+def _reward_defaults() -> RewardConfig:
+    return RewardConfig(num_workers=1)
+
+
+@dataclasses.dataclass
+class LabelConfig:
+    margin: float = 0.0  # think must beat fast in accuracy by more than this ...
+    length_cost: float = 0.1  # ... plus this times its extra mean length as a fraction of rollout.max_response_tokens
+
+    def __post_init__(self):
+        if self.length_cost < 0:
+            raise ConfigError(f"labels.length_cost must be >= 0, got {self.length_cost}")
+
+
+@dataclasses.dataclass
+class SyntheticMixConfig:
+    rows: int = 256  # rows made when data.path is empty
+    ratio: str = "math=0.75,extract=0.25"  # families and weights of the mix (math: 1-6 steps; extract: copy from the prompt)
+    image_fraction: float = 0.0  # share of math rows rendered into an image
+    seed: int = 0  # seed of the synthetic rows
+
+    def parsed_ratio(self) -> dict[str, float]:
+        """'math=0.75,extract=0.25' -> {'math': 0.75, 'extract': 0.25}"""
+        out = {}
+        for part in self.ratio.split(","):
+            name, sep, weight = part.partition("=")
+            try:
+                out[name.strip()] = float(weight)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise ConfigError(f"synthetic.ratio: expected family=weight,... got {self.ratio!r}")
+        return out
+
+
+@dataclasses.dataclass
+class RouterTrainConfig:
+    init: str = "fresh"  # fresh (new weights from seed) | checkpoint (continue from the checkpoint's router)
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.01  # AdamW weight decay
+    batch_size: int = 64  # labelled prompts per optimizer step
+    max_epochs: int = 200  # passes over the training split at most
+    patience: int = 20  # stop after this many epochs without a better validation loss (the best epoch's weights are kept)
+    min_delta: float = 1e-4  # a validation loss counts as better when it drops by more than this
+    val_fraction: float = 0.2  # share of each class held out for validation and early stopping
+    class_weights: str = "balanced"  # balanced (weight of a class = prompts / (classes * its prompts)) | none
+    seed: int = 0  # seeds the split, the initial weights and the batch order
+
+    CHOICES: ClassVar[dict] = {"init": ("fresh", "checkpoint"), "class_weights": ("balanced", "none")}
+
+    def __post_init__(self):
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"router.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
+            raise ConfigError("router.batch_size, router.max_epochs and router.patience must be at least 1")
+
+
+@dataclasses.dataclass
+class RouterActorConfig:
+    cpus: float = 1.0  # logical Ray CPUs of the router trainer actor (it holds the HOME model)
+    gpus: float = 0.0  # GPUs of the router trainer actor (1 on GPU clusters: the features run on it)
+    threads: int = 0  # torch threads of the actor (0: cpus, at least 1)
+    feature_batch_size: int = 8  # prompts per no-grad forward pass when computing router features
+    template: str = "fast"  # which expert's rendering of a prompt the router reads (Stage-SFT's sft.router_template)
+
+    CHOICES: ClassVar[dict] = {"template": ("fast", "think")}
+
+
+@dataclasses.dataclass
+class RouterStageConfig:
+    checkpoint: str = DEFAULT_CHECKPOINT  # HOME checkpoint whose router is trained (default: the GRPO run's final)
+    output_dir: str = DEFAULT_ROUTER_OUTPUT  # labels.jsonl, metrics.jsonl, router_metrics.json, final/ (the HOME checkpoint with the trained router)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # prompts to label (data.path empty: the synthetic mix below)
+    synthetic: SyntheticMixConfig = dataclasses.field(default_factory=SyntheticMixConfig)  # the default data: a mix of multi-step math and extract rows
+    rollout: RolloutConfig = dataclasses.field(default_factory=_rollout_defaults)  # vLLM workers serving each view in turn (rollout.n samples per prompt and expert)
+    reward: RewardConfig = dataclasses.field(default_factory=_reward_defaults)  # verifiers per data_source
+    labels: LabelConfig = dataclasses.field(default_factory=LabelConfig)  # when think wins: accuracy gain against extra length
+    router: RouterTrainConfig = dataclasses.field(default_factory=RouterTrainConfig)  # how the router is fitted
+    actor: RouterActorConfig = dataclasses.field(default_factory=RouterActorConfig)  # the router trainer actor
+    labels_path: str = ""  # reuse an existing labels.jsonl (no rollouts); its ids must be rows of the data
+    think_sources: List[str] = dataclasses.field(default_factory=lambda: ["math"])  # data types labelled think by the paper's type labels (recorded beside each label)
+    seed: int = 0  # seeds sampling (the fit has its own router.seed)
+    tensorboard: bool = False  # also write the fit's curves as TensorBoard events
+
+
+@dataclasses.dataclass
+class TypeRouterConfig:
+    enabled: bool = True  # also score a router trained on data-type labels (the paper's Stage-SFT labels)
+    data_path: str = ""  # prompts it is trained on (empty: synthetic_rows rows of the evaluation mix's families with seed synthetic_seed: by default the rows the default router stage labels)
+    synthetic_rows: int = 256  # rows of that default mix
+    synthetic_seed: int = 0  # its seed (0: the same rows the default router stage labels)
+    think_sources: List[str] = dataclasses.field(default_factory=lambda: ["math"])  # data_source values whose type is think
+
+
+def _eval_synthetic() -> SyntheticMixConfig:
+    return SyntheticMixConfig(rows=160, seed=1)  # seed 1: other rows than the router was trained on (seed 0)
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    checkpoint: str = DEFAULT_ROUTER_OUTPUT + "/final"  # HOME checkpoint with a trained router (default: the router stage's final)
+    output_dir: str = "outputs/evaluate"  # report.json, report.md, report.png, samples.jsonl
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # evaluation prompts (data.path empty: the synthetic mix below)
+    synthetic: SyntheticMixConfig = dataclasses.field(default_factory=_eval_synthetic)  # the default evaluation data
+    rollout: RolloutConfig = dataclasses.field(default_factory=_rollout_defaults)  # vLLM workers serving each view in turn
+    reward: RewardConfig = dataclasses.field(default_factory=_reward_defaults)  # verifiers per data_source
+    labels: LabelConfig = dataclasses.field(default_factory=LabelConfig)  # the oracle's label rule (as in the router stage)
+    type_router: TypeRouterConfig = dataclasses.field(default_factory=TypeRouterConfig)  # the paper's data-type labels, side by side
+    router: RouterTrainConfig = dataclasses.field(default_factory=RouterTrainConfig)  # how the type-label router is fitted
+    actor: RouterActorConfig = dataclasses.field(default_factory=RouterActorConfig)  # the actor that holds the HOME model
+    steps_at_least: int = 3  # also report "<source>@steps>=N" for sources whose rows have several step counts (0: off)
+    seed: int = 0  # seeds sampling

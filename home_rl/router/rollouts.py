@@ -1,0 +1,99 @@
+"""Both experts answer every prompt: one set of vLLM rollout workers serves the fast view, then the think view.
+
+The fast view is exported from the HOME checkpoint by the actor that holds it and served; after
+the fast samples, the engines receive the think expert's MLP tensors through the same weight
+update path GRPO uses, and serve the think view. The views differ only in those tensors, so one
+engine start (minutes for a large model) serves both, and only one set of engines holds memory.
+Each prompt is rendered with the template of the expert that answers it, and its samples are
+scored with that expert named in extra_info, so the format verifier checks the right template.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from data_pipelines import DataConfig, render_prompt
+from home_rl.rollout.config import RolloutConfig
+from home_rl.router.labels import FAST, THINK, ExpertStats, expert_stats
+
+log = logging.getLogger(__name__)
+
+CHUNK_PROMPTS = 64  # prompts per generate call: a progress bar that moves (prompts done), bounded memory per call
+
+
+@dataclasses.dataclass
+class BothExperts:
+    rows: list[dict]  # the rows both experts answered (a row skipped by either is dropped)
+    stats: dict[str, list[ExpertStats]]  # expert -> one ExpertStats per row of `rows`
+    responses: dict[str, list[list[str]]]  # expert -> per row, the sample texts
+    timing: dict[str, float]  # seconds: view export, weight swap, rollout and scoring per expert
+
+
+def rollout_both(trainer: Any, rows: Sequence[dict], processor: Any, data_cfg: DataConfig, rollout_cfg: RolloutConfig,
+                 rewards: Any, views_dir: Path, seed: int = 0, experts: Sequence[str] = (FAST, THINK)) -> BothExperts:
+    """n samples per prompt from each expert's view, scored; `trainer` is a RouterTrainer actor (it exports the views)."""
+    import ray
+
+    from home_rl.rollout import RolloutPool
+    from home_rl.tracking import progress
+
+    per_expert: dict[str, tuple[list, list]] = {}
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    view = ray.get(trainer.export_view.remote(experts[0], str(Path(views_dir) / experts[0])))
+    timing["export_s"] = time.perf_counter() - t0
+    pool = RolloutPool(view, rollout_cfg)
+    try:
+        for version, expert in enumerate(experts):
+            t1 = time.perf_counter()
+            if version:  # the engines now serve `expert`'s view: only its MLP tensors differ from the last one's
+                sync = pool.update_weights(expert_weights(trainer, expert), version=version)
+                timing[f"{expert}/weight_swap_s"] = sync["seconds"]
+            rendered = [render_prompt(row, expert, processor, data_cfg, with_pixels=False) for row in rows]
+            groups: list = []
+            chunks = range(0, len(rendered), CHUNK_PROMPTS)
+            with progress(len(rendered), desc=f"rollout {expert}") as bar:
+                for start in chunks:
+                    result = pool.generate(rendered[start:start + CHUNK_PROMPTS], n=rollout_cfg.n, seed=seed + start)
+                    groups += result.samples
+                    bar.update(len(result.samples))
+            t2 = time.perf_counter()
+            to_score = [{"id": f"{rows[i]['id']}#{expert}#{s.sample_index}", "response": s.text,
+                         "ground_truth": rows[i]["answer"], "data_source": rows[i]["data_source"],
+                         "extra_info": {**(rows[i].get("extra_info") or {}), "expert": expert}}
+                        for i, group in enumerate(groups) for s in group]
+            scores, _ = rewards.score(to_score) if to_score else ([], {})
+            it = iter(scores)
+            stats = [expert_stats([next(it) for _ in group], [len(s.response_ids) for s in group]) for group in groups]
+            per_expert[expert] = (stats, [[s.text for s in group] for group in groups])
+            timing.update({f"{expert}/rollout_s": t2 - t1, f"{expert}/reward_s": time.perf_counter() - t2})
+            log.info("%s view: %d prompts x %d samples, mean accuracy %.3f, mean length %.1f tokens (%.0fs)", expert,
+                     len(rows), rollout_cfg.n, _mean([s.accuracy for s in stats if s.n]),
+                     _mean([s.mean_tokens for s in stats if s.n]), t2 - t1)
+    finally:
+        pool.shutdown()
+        shutil.rmtree(view, ignore_errors=True)  # a view is a whole dense model: do not leave it behind
+
+    keep = [i for i in range(len(rows)) if all(per_expert[e][0][i].n for e in experts)]
+    if len(keep) < len(rows):
+        log.warning("%d of %d prompts got no samples from an expert (rollout.on_long_prompt=skip) and are left out",
+                    len(rows) - len(keep), len(rows))
+    return BothExperts(rows=[rows[i] for i in keep],
+                       stats={e: [per_expert[e][0][i] for i in keep] for e in experts},
+                       responses={e: [per_expert[e][1][i] for i in keep] for e in experts}, timing=timing)
+
+
+def expert_weights(trainer: Any, expert: str) -> Iterator[tuple[str, Any]]:
+    """`expert`'s MLP tensors under the view's names, fetched from the actor one decoder layer at a time."""
+    import ray
+
+    for names in ray.get(trainer.expert_weight_chunks.remote(expert)):
+        yield from ray.get(trainer.expert_weights.remote(names, expert))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

@@ -1,0 +1,135 @@
+"""The router stage's driver: label prompts from rollouts of both experts, fit the router, save the HOME checkpoint.
+
+    rows -> fast view and think view answer each prompt n times (vLLM) -> scores (reward pool)
+         -> per prompt: accuracy and mean length per expert -> label (labels.jsonl)
+         -> router features of the fast view (router trainer actor) -> class-weighted CE fit
+         -> output_dir/final: the HOME checkpoint with only the router changed
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from home_rl.config import save_config
+from home_rl.errors import HomeRLError
+from home_rl.router.config import RouterStageConfig
+from home_rl.router.labels import EXPERT_INDEX, class_counts, label_record, read_labels, write_labels
+from home_rl.router.prepare import ensure_ray, load_processor, load_rows, resolve_checkpoint, router_inputs
+from home_rl.router.trainer import EmptyLabelSetError, start_router_trainer
+
+log = logging.getLogger(__name__)
+
+
+def type_label(row: dict, think_sources: list[str]) -> str:
+    """The paper's label of a row: its data type (extra_info.expert, else think for reasoning sources)."""
+    from home_rl.learner.sft import row_type
+
+    return row_type(row, think_sources)
+
+
+def train_router(cfg: RouterStageConfig) -> Path:
+    """Run the router stage; returns output_dir/final."""
+    import ray
+
+    start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    checkpoint = resolve_checkpoint(cfg.checkpoint, "checkpoint", "recipes/grpo_think.py")
+    given = None
+    if cfg.labels_path:  # read before anything heavy starts: an empty or broken file fails at once
+        given = read_labels(cfg.labels_path)
+        if not given:
+            raise EmptyLabelSetError(f"the labelled set {cfg.labels_path} is empty: there is no prompt to train the router on")
+    processor = load_processor(checkpoint)
+    rows = load_rows(cfg.data, cfg.synthetic, out / "data", processor)
+    save_config(cfg, out)
+
+    ensure_ray(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.reward.num_workers * cfg.reward.cpus_per_worker
+               + cfg.actor.cpus)
+    trainer = start_router_trainer(str(checkpoint), cfg.actor.cpus, cfg.actor.gpus, cfg.actor.threads)
+    rewards = None
+    try:
+        info = ray.get(trainer.info.remote())
+        if given is None:
+            from home_rl.router.rollouts import rollout_both
+            from reward import RewardPool
+
+            rewards = RewardPool(cfg.reward)
+            rewards.validate_sources({r["data_source"] for r in rows})
+            both = rollout_both(trainer, rows, processor, cfg.data, cfg.rollout, rewards, out / "views", cfg.seed)
+            records = [label_record(row, think, fast, cfg.rollout.max_response_tokens, cfg.labels.margin,
+                                    cfg.labels.length_cost, type_label(row, cfg.think_sources))
+                       for row, think, fast in zip(both.rows, both.stats["think"], both.stats["fast"])]
+            labelled_rows = both.rows
+            timing = both.timing
+        else:
+            records, labelled_rows = _join(given, rows, cfg.labels_path)
+            timing = {}
+        write_labels(out / "labels.jsonl", records)
+        counts = class_counts(r["label"] for r in records)
+        log.info("labels: %d prompts, %d think / %d fast (written to %s)", len(records), counts["think"],
+                 counts["fast"], out / "labels.jsonl")
+
+        t0 = time.perf_counter()
+        features = ray.get(trainer.features.remote(router_inputs(labelled_rows, cfg.actor.template, processor, cfg.data),
+                                                   cfg.actor.feature_batch_size))
+        timing["features_s"] = time.perf_counter() - t0
+        fit = ray.get(trainer.fit.remote(features, [EXPERT_INDEX[r["label"]] for r in records], cfg.router))
+        _log_history(out, fit.history, cfg.tensorboard)
+        note = {"labels": "rollouts" if given is None else f"file {cfg.labels_path}", "prompts": len(records),
+                "class_counts": counts, "margin": cfg.labels.margin, "length_cost": cfg.labels.length_cost,
+                "max_response_tokens": cfg.rollout.max_response_tokens, "template": cfg.actor.template,
+                "val_acc": fit.metrics.get("val/acc"), "best_epoch": fit.metrics["best_epoch"]}
+        ray.get(trainer.install_router.remote(fit.state, note))
+        final = Path(ray.get(trainer.save.remote(str(out / "final"))))
+        summary = {"checkpoint": str(checkpoint), "final": str(final), "router": info, "fit": fit.metrics,
+                   "labels": {"prompts": len(records), **counts,
+                              "by_source": _label_breakdown(records)},
+                   "timing": {**timing, "total_s": time.perf_counter() - start}}
+        (out / "router_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("router: val acc %s, predicted think ratio %.2f (labels %.2f); saved %s",
+                 _fmt(fit.metrics.get("val/acc")), fit.metrics["predicted_think_ratio"],
+                 fit.metrics["label_think_ratio"], final)
+        return final
+    finally:
+        if rewards is not None:
+            rewards.shutdown()
+        ray.kill(trainer)
+        shutil.rmtree(out / "views", ignore_errors=True)
+
+
+def _join(records: list[dict], rows: list[dict], path: str) -> tuple[list[dict], list[dict]]:
+    """The given label records with their data rows (same order); ids missing from the data are an error."""
+    by_id = {r["id"]: r for r in rows}
+    missing = [r["id"] for r in records if r["id"] not in by_id]
+    if missing:
+        raise HomeRLError(f"labels_path {path}: {len(missing)} id(s) are not rows of the data, e.g. {missing[:3]} "
+                          "(give the data.path the labels were made from)")
+    return records, [by_id[r["id"]] for r in records]
+
+
+def _label_breakdown(records: list[dict]) -> dict:
+    """Per data_source (and per step count where there are several): prompts and share labelled think."""
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        groups.setdefault(str(r.get("data_source")), []).append(r["label"])
+        if r.get("steps") is not None:
+            groups.setdefault(f"{r.get('data_source')}@steps={r['steps']}", []).append(r["label"])
+    return {k: {"prompts": len(v), "think_ratio": sum(x == "think" for x in v) / len(v)} for k, v in sorted(groups.items())}
+
+
+def _log_history(out: Path, history: list[dict], tensorboard: bool) -> None:
+    from home_rl.tracking import MetricsLogger
+
+    logger = MetricsLogger(out, tensorboard=tensorboard)
+    try:
+        for entry in history:
+            logger.log(entry["epoch"], {k: v for k, v in entry.items() if k != "epoch"})
+    finally:
+        logger.close()
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"

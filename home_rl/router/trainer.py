@@ -1,0 +1,248 @@
+"""Fitting the router on labelled prompts, and the Ray actor that holds the HOME model for it.
+
+The router is a small MLP over pooled prompt features, so its training is tiny once the features
+exist: they are computed once (no grad, the model's own forward up to the router's layer), then
+the router alone is fitted with class-weighted cross-entropy, a stratified validation split and
+early stopping on the validation loss. The actor holds the model in plain torch (no DeepSpeed: no
+gradient ever reaches the base model) and writes the HOME checkpoint with only the router changed.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from home_rl.errors import HomeRLError
+from home_rl.model.router import Router
+from home_rl.router.config import RouterTrainConfig
+from home_rl.router.features import compute_features
+
+log = logging.getLogger(__name__)
+
+CLASSES = ("fast", "think")  # label index -> expert (the router's logit order)
+
+
+class EmptyLabelSetError(HomeRLError):
+    """No labelled prompt to fit the router on."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    state: dict  # the fitted router's state dict (fp32, CPU), the best validation epoch's weights
+    metrics: dict  # sizes, class counts and weights, best epoch, accuracies
+    history: list  # one dict per epoch: train/val loss and accuracy
+
+
+def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, validation) indices: about val_fraction of each class held out, at least one kept for training."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = min(int(math.floor(val_fraction * len(idx) + 0.5)), len(idx) - 1)
+        val += idx[:n_val].tolist()
+        train += idx[n_val:].tolist()
+    return np.array(sorted(train), dtype=int), np.array(sorted(val), dtype=int)
+
+
+def class_weight_vector(labels: np.ndarray, how: str) -> torch.Tensor:
+    """Cross-entropy weights per class: 'balanced' gives N / (present classes * count); absent classes get 1."""
+    weights = torch.ones(len(CLASSES))
+    if how == "none":
+        return weights
+    counts = np.bincount(labels, minlength=len(CLASSES))
+    present = int((counts > 0).sum())
+    for c, count in enumerate(counts):
+        if count:
+            weights[c] = len(labels) / (present * count)
+    return weights
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Matrices of a few hundred rows: OpenMP's thread hand-offs cost more than the math (40x on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_router(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, router_hidden: int,
+               init_state: Optional[dict] = None) -> FitResult:
+    """Fit a router (fresh, or from `init_state`) on [N, hidden] features and 0/1 labels (0 fast, 1 think)."""
+    with _one_thread():
+        return _fit(features, labels, cfg, router_hidden, init_state)
+
+
+def _fit(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, router_hidden: int,
+         init_state: Optional[dict]) -> FitResult:
+    y_all = np.asarray(list(labels), dtype=int)
+    if len(y_all) == 0:
+        raise EmptyLabelSetError("the labelled set is empty: there is no prompt to train the router on "
+                                 "(check the data and that the rollouts produced samples for both experts)")
+    if features.shape[0] != len(y_all):
+        raise ValueError(f"{features.shape[0]} feature rows for {len(y_all)} labels")
+    if bad := sorted(set(y_all.tolist()) - {0, 1}):
+        raise ValueError(f"router labels must be 0 (fast) or 1 (think), got {bad}")
+    counts = {name: int((y_all == c).sum()) for c, name in enumerate(CLASSES)}
+    single = sum(v > 0 for v in counts.values()) == 1
+    if single:
+        only = next(name for name, v in counts.items() if v)
+        log.warning("the labelled set has a single class: all %d prompts are labelled %s, so the router learns "
+                    "to always pick %s (check labels.margin / labels.length_cost, or the data's mix)",
+                    len(y_all), only, only)
+
+    train_idx, val_idx = split_indices(y_all, cfg.val_fraction, cfg.seed)
+    x = features.float()
+    x_train, y_train = x[train_idx], torch.as_tensor(y_all[train_idx])
+    x_val, y_val = x[val_idx], torch.as_tensor(y_all[val_idx])
+    weights = class_weight_vector(y_all[train_idx], cfg.class_weights)
+
+    torch.manual_seed(cfg.seed)
+    router = Router(x.shape[1], router_hidden).float()
+    if init_state is not None:
+        router.load_state_dict({k: v.float() for k, v in init_state.items()})
+    optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    order_rng = torch.Generator().manual_seed(cfg.seed)
+
+    def evaluate(xs: torch.Tensor, ys: torch.Tensor) -> dict:
+        if len(ys) == 0:
+            return {}
+        router.eval()
+        with torch.no_grad():
+            logits = router(xs)
+        pred = logits.argmax(1)
+        recalls = [float((pred[ys == c] == c).float().mean()) for c in range(len(CLASSES)) if (ys == c).any()]
+        return {"loss": float(F.cross_entropy(logits, ys, weight=weights)), "acc": float((pred == ys).float().mean()),
+                "balanced_acc": float(np.mean(recalls)), "think_ratio": float(pred.float().mean())}
+
+    history, best, best_state, best_epoch, waited = [], math.inf, copy.deepcopy(router.state_dict()), 0, 0
+    for epoch in range(1, cfg.max_epochs + 1):
+        router.train()
+        perm = torch.randperm(len(y_train), generator=order_rng)
+        for start in range(0, len(perm), cfg.batch_size):
+            part = perm[start:start + cfg.batch_size]
+            loss = F.cross_entropy(router(x_train[part]), y_train[part], weight=weights)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        train_m, val_m = evaluate(x_train, y_train), evaluate(x_val, y_val)
+        history.append({"epoch": epoch, **{f"train/{k}": v for k, v in train_m.items()},
+                        **{f"val/{k}": v for k, v in val_m.items()}})
+        watched = (val_m or train_m)["loss"]  # no validation rows (a tiny set): stop on the training loss
+        if watched < best - cfg.min_delta:
+            best, best_state, best_epoch, waited = watched, copy.deepcopy(router.state_dict()), epoch, 0
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+
+    router.load_state_dict(best_state)
+    final_train, final_val, final_all = evaluate(x_train, y_train), evaluate(x_val, y_val), evaluate(x, torch.as_tensor(y_all))
+    metrics = {
+        "prompts": len(y_all), "train_prompts": len(train_idx), "val_prompts": len(val_idx),
+        "class_counts": counts, "class_weights": dict(zip(CLASSES, weights.tolist())), "single_class": single,
+        "best_epoch": best_epoch, "epochs": len(history), "stopped_early": len(history) < cfg.max_epochs,
+        **{f"train/{k}": v for k, v in final_train.items()}, **{f"val/{k}": v for k, v in final_val.items()},
+        "label_think_ratio": counts["think"] / len(y_all), "predicted_think_ratio": final_all["think_ratio"],
+    }
+    return FitResult({k: v.detach().clone() for k, v in best_state.items()}, metrics, history)
+
+
+class RouterTrainer:
+    """Ray actor around one HOME checkpoint: exports its views, computes router features, fits and saves the router.
+
+        trainer = ray.remote(RouterTrainer).remote(checkpoint, threads=1)
+        feats = ray.get(trainer.features.remote(items, batch_size=8))
+        fit = ray.get(trainer.fit.remote(feats, labels, cfg))
+        ray.get(trainer.install_router.remote(fit.state, note)); ray.get(trainer.save.remote(out_dir))
+    """
+
+    def __init__(self, checkpoint: str, threads: int = 1, device: str = "cpu"):
+        from home_rl.model import HomeModel
+
+        torch.set_num_threads(max(1, threads))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.checkpoint = str(checkpoint)
+        self.device = torch.device(device)
+        # The checkpoint's own dtype: every tensor but the router's is saved back bit for bit.
+        self.home = HomeModel.from_pretrained(self.checkpoint).to(self.device).eval()
+        self.home.requires_grad_(False)
+
+    def info(self) -> dict:
+        cfg = self.home.home_config
+        return {"hidden_size": self.home.router.net[0].normalized_shape[0],
+                "router_hidden_size": cfg["router_hidden_size"], "router_layer": cfg["router_layer"],
+                "router_pooling": cfg["router_pooling"], "multimodal": self.home.arch.multimodal,
+                "dtype": str(self.home.base.dtype).replace("torch.", ""), "router_trained": cfg.get("router_trained")}
+
+    def export_view(self, expert: str, out_dir: str) -> str:
+        """Write `expert`'s dense view (for the vLLM rollout workers) unless a complete one is there."""
+        if not (Path(out_dir) / "config.json").is_file():
+            self.home.export_view(expert, out_dir)
+        return str(out_dir)
+
+    def expert_weight_chunks(self, expert: str) -> list[list[str]]:
+        """Names of `expert`'s tensors in the model, one list per decoder layer (what a view swap sends)."""
+        chunks: dict[int, list[str]] = {}
+        for name in self.home.state_dict():
+            if f".experts.{expert}." in name:
+                layer = int(re.search(r"\.layers\.(\d+)\.", name).group(1))
+                chunks.setdefault(layer, []).append(name)
+        return [chunks[k] for k in sorted(chunks)]
+
+    def expert_weights(self, names: list[str], expert: str) -> list[tuple[str, torch.Tensor]]:
+        """Those tensors under the view's (dense model's) names, on the CPU."""
+        from home_rl.model import view_name
+
+        state = self.home.state_dict()
+        return [(view_name(n, expert), state[n].detach().to("cpu", copy=True)) for n in names]
+
+    def features(self, items: list[dict], batch_size: int = 8) -> torch.Tensor:
+        return compute_features(self.home, items, batch_size, device=self.device)
+
+    def fit(self, features: torch.Tensor, labels: list[int], cfg: RouterTrainConfig) -> FitResult:
+        init = self.home.router.state_dict() if cfg.init == "checkpoint" else None
+        return fit_router(features, labels, cfg, self.home.home_config["router_hidden_size"], init)
+
+    def route_logits(self, features: torch.Tensor, state: Optional[dict] = None) -> torch.Tensor:
+        """Router logits [N, 2] for [fast, think]: the model's own router, or a router with `state`."""
+        router = self.home.router
+        if state is not None:
+            router = Router(features.shape[1], self.home.home_config["router_hidden_size"]).float()
+            router.load_state_dict(state)
+        with torch.no_grad():
+            return router.to(self.device)(features.to(self.device)).float().cpu()
+
+    def install_router(self, state: dict, note: dict) -> None:
+        """Put a fitted router into the model (in the model's dtype) and record how it was trained."""
+        own = self.home.router.state_dict()
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value.to(own[key].dtype))
+        self.home.home_config["router_trained"] = note
+
+    def save(self, out_dir: str) -> str:
+        return str(self.home.save_pretrained(out_dir))
+
+
+def start_router_trainer(checkpoint: str, cpus: float, gpus: float, threads: int) -> Any:
+    """The RouterTrainer actor on the running Ray cluster (CUDA when it is given a GPU)."""
+    import ray
+
+    threads = threads or max(1, int(cpus))
+    actor = ray.remote(RouterTrainer).options(num_cpus=cpus, num_gpus=gpus,
+                                              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+    return actor.remote(checkpoint, threads, "cuda" if gpus > 0 else "cpu")

@@ -1,0 +1,111 @@
+"""The router stage and the hybrid evaluation end to end on a tiny Qwen2.5-VL with image prompts.
+
+Real Ray, real vLLM engines for both views, real reward workers. A random tiny model never answers
+correctly, so the reward here is a verifier that pays think samples on math only: the labels must
+then come out think on exactly the math rows, which checks that each expert's samples are scored
+as that expert's.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve()
+
+
+def think_pays_on_math(response, ground_truth, *, data_source, extra_info):
+    """1 for a think sample of a math row, else 0 (module top kept light: the reward sandbox imports this file)."""
+    return float(extra_info.get("expert") == "think" and data_source == "math")
+
+
+def _cfgs(home: Path, tmp: Path):
+    from home_rl.rollout.config import RolloutConfig
+    from home_rl.router.config import EvaluateConfig, RouterStageConfig, RouterTrainConfig, SyntheticMixConfig
+    from reward.config import VerifierEntry
+
+    verifier = [VerifierEntry(f"{HERE}:think_pays_on_math", 1.0)]
+    common = dict(
+        rollout=RolloutConfig(n=2, max_response_tokens=8, dtype="float32", kv_cache_gib=0.25, max_model_len=512,
+                              stop=[]),
+        router=RouterTrainConfig(max_epochs=60, patience=10, lr=1e-2),
+    )
+    mix = dict(ratio="math=1,ocr=1,vqa=1", image_fraction=1.0)  # 2 prompts per source, math rendered into images
+    stage = RouterStageConfig(checkpoint=str(home), output_dir=str(tmp / "router"),
+                              synthetic=SyntheticMixConfig(rows=6, seed=0, **mix), **common)
+    evaluation = EvaluateConfig(checkpoint=str(tmp / "router" / "final"), output_dir=str(tmp / "eval"),
+                                synthetic=SyntheticMixConfig(rows=6, seed=1, **mix), **common)
+    for cfg in (stage, evaluation):
+        cfg.reward.sources = {s: verifier for s in ("math", "ocr", "vqa")}
+        cfg.data.max_prompt_tokens = 400
+    evaluation.type_router.data_path = str(tmp / "router" / "data" / "data.jsonl")
+    return stage, evaluation
+
+
+@pytest.fixture(scope="module")
+def stage_run(tiny_model, ray_local, tmp_path_factory):
+    from home_rl.model import upcycle
+    from home_rl.router.evaluate import evaluate
+    from home_rl.router.stage import train_router
+
+    tmp = tmp_path_factory.mktemp("router_stage")
+    home = upcycle(tiny_model("qwen2_5_vl"), router_hidden_size=16).save_pretrained(tmp / "home")
+    stage, evaluation = _cfgs(home, tmp)
+    final = train_router(stage)
+    report = evaluate(evaluation)
+    return {"home": home, "final": Path(final), "out": tmp / "router", "eval": tmp / "eval", "report": report}
+
+
+def test_labels_come_from_both_experts_rollouts(stage_run):
+    records = [json.loads(line) for line in (stage_run["out"] / "labels.jsonl").read_text().splitlines()]
+    assert sorted(r["data_source"] for r in records) == ["math", "math", "ocr", "ocr", "vqa", "vqa"]
+    for r in records:
+        for key in ("acc_think", "acc_fast", "len_think", "len_fast", "gain", "threshold", "margin", "length_cost",
+                    "max_response_tokens", "scores_think", "scores_fast", "tokens_think", "tokens_fast", "type_label"):
+            assert key in r, key
+        assert len(r["scores_think"]) == len(r["tokens_fast"]) == 2
+        assert r["label"] == ("think" if r["data_source"] == "math" else "fast")
+        assert r["acc_think"] == (1.0 if r["data_source"] == "math" else 0.0) and r["acc_fast"] == 0.0
+    summary = json.loads((stage_run["out"] / "router_metrics.json").read_text())
+    assert summary["fit"]["class_counts"] == {"fast": 4, "think": 2}
+    assert summary["labels"]["by_source"]["math"]["think_ratio"] == 1.0
+    assert (stage_run["out"] / "metrics.jsonl").read_text().count("\n") == summary["fit"]["epochs"]
+    assert not (stage_run["out"] / "views").exists()  # the exported views are removed after use
+
+
+def test_router_training_changes_only_router_tensors(stage_run):
+    import torch
+    from safetensors.torch import load_file
+
+    from home_rl.model import HomeModel
+
+    before = load_file(stage_run["home"] / "model.safetensors")
+    after = load_file(stage_run["final"] / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("router.") for k in changed)
+    trained = HomeModel.from_pretrained(stage_run["final"])
+    assert trained.home_config["router_trained"]["class_counts"] == {"fast": 4, "think": 2}
+    assert trained.arch.multimodal
+
+
+def test_hybrid_report_side_by_side(stage_run):
+    report = json.loads((stage_run["eval"] / "report.json").read_text())
+    for policy in ("hybrid", "always_think", "always_fast", "oracle", "type_labels"):
+        assert {"all", "math", "ocr", "vqa"} <= set(report[policy]), policy
+        for values in report[policy].values():
+            assert set(values) == {"accuracy", "think_ratio", "mean_tokens", "prompts"}
+    assert report["always_think"]["all"]["think_ratio"] == 1.0 and report["always_fast"]["all"]["think_ratio"] == 0.0
+    assert report["always_think"]["math"]["accuracy"] == 1.0 and report["always_fast"]["all"]["accuracy"] == 0.0
+    # the oracle thinks exactly where it pays: on math, and nowhere else
+    assert report["oracle"]["math"]["think_ratio"] == 1.0 and report["oracle"]["ocr"]["think_ratio"] == 0.0
+    assert report["oracle"]["all"]["accuracy"] == report["always_think"]["all"]["accuracy"]
+    assert report["oracle"]["ocr"]["mean_tokens"] == report["always_fast"]["ocr"]["mean_tokens"]
+    # the evaluation's math rows (seed 1) have 2 and 6 steps: both are broken out, and the >= 3 group
+    assert {"math@steps=2", "math@steps=6", "math@steps>=3"} <= set(report["hybrid"])
+    assert report["hybrid"]["math@steps>=3"]["prompts"] == 1
+    assert "type labels" in (stage_run["eval"] / "report.md").read_text()
+    assert (stage_run["eval"] / "report.png").stat().st_size > 1000
+    samples = [json.loads(line) for line in (stage_run["eval"] / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and all(len(s["responses_think"]) == 2 for s in samples)
