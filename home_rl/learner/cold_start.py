@@ -26,7 +26,8 @@ from home_rl.model.embedded import cache_dir
 log = logging.getLogger(__name__)
 
 RATIO = {"math": 0.5, "extract": 0.5}  # text families: the embedded model reads no images
-TRAIN_ROWS = 192  # x2 sequences (both templates): 384 sequences, 12 steps of 32
+TRAIN_ROWS = 192  # x2 sequences (both templates): 384 sequences
+ROWS_PER_STEP = 8  # 16 sequences: one micro-batch per step, 24 steps (more updates beat bigger batches here)
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 
 
@@ -43,35 +44,54 @@ def cold_start_config(name: str, data_path: Path, output_dir: Path):
 
     return SFTConfig(
         model=ModelConfig(path=name, dtype="bfloat16"),
-        data=DataConfig(path=str(data_path), prompts_per_step=16, seed=TRAIN_SEED),
+        data=DataConfig(path=str(data_path), prompts_per_step=ROWS_PER_STEP, seed=TRAIN_SEED),
         learner=LearnerConfig(num_learners=1, cpus_per_learner=1, threads_per_learner=os.cpu_count() or 1,
-                              lr=1e-4, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
+                              lr=1e-4, warmup_steps=3, lr_schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
                               micro_batch_size=16),
-        trainer=TrainerConfig(total_steps=TRAIN_ROWS // 16, save_every=6, log_every=1),
+        trainer=TrainerConfig(total_steps=TRAIN_ROWS // ROWS_PER_STEP, save_every=8, log_every=1),
         sft=SFTOptions(route="both"),
         output_dir=str(output_dir))
 
 
+def cold_start_recipe(name: str) -> dict:
+    """Everything that decides the cold start's result: a cached build made with another recipe is rebuilt."""
+    from home_rl.config import to_dict
+
+    sft = to_dict(cold_start_config(name, Path("DATA"), Path("OUT")))
+    for key in ("threads_per_learner", "cpus_per_learner"):  # how fast, not what: they follow the machine
+        sft["learner"].pop(key)
+    return {"rows": TRAIN_ROWS, "ratio": RATIO, "seed": TRAIN_SEED, "sft": sft}
+
+
 def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
-    """The cached cold-start HOME checkpoint of embedded model `name`, built first if it is not there."""
+    """The cached cold-start HOME checkpoint of embedded model `name`, built first if it is not there.
+
+    A build killed midway resumes from its last SFT checkpoint on the next call.
+    """
     from data_pipelines.synthetic import generate
     from home_rl.learner.sft import run_sft
     from home_rl.model import DTYPES, upcycle
 
     out = cold_start_dir(name)
-    if (out / "config.json").is_file() and not force:
-        return out
+    stamp = out.with_name(out.name + ".json")  # the recipe and timings of the cached build
+    recipe = cold_start_recipe(name)
+    if not force and (out / "config.json").is_file() and stamp.is_file():
+        if json.loads(stamp.read_text()).get("recipe") == recipe:
+            return out
+        log.info("the cached cold start %s was built with another recipe: rebuilding", out)
     work = cache_dir() / "cold_start" / name
-    if force:
+    if force or not (work / "recipe.json").is_file() or json.loads((work / "recipe.json").read_text()) != recipe:
         shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(json.dumps(recipe))
     start = time.perf_counter()
     data = generate("mix", TRAIN_ROWS, seed=TRAIN_SEED, out=work / "data", ratio=RATIO)
     dense = run_sft(cold_start_config(name, data, work / "sft"))
     sft_s = time.perf_counter() - start
     home = upcycle(dense, DTYPES["bfloat16"])
     home.save_pretrained(out)  # written to a temporary folder and renamed: a half-written cache is never used
-    (work / "build.json").write_text(json.dumps({"sft_s": round(sft_s, 1),
-                                                 "total_s": round(time.perf_counter() - start, 1)}))
+    stamp.write_text(json.dumps({"recipe": recipe, "sft_s": round(sft_s, 1),
+                                 "total_s": round(time.perf_counter() - start, 1)}))
     log.info("cold start of %s: %s (%.0f s)", name, out, time.perf_counter() - start)
     return out
 
@@ -152,8 +172,9 @@ def main() -> None:
     home = ensure_cold_start(args.name, force=args.force)
     out: dict = {"home_checkpoint": str(home), "build_or_load_s": round(time.perf_counter() - start, 1)}
     work = cache_dir() / "cold_start" / args.name
-    if (work / "build.json").is_file():
-        out["build"] = json.loads((work / "build.json").read_text())
+    stamp = home.with_name(home.name + ".json")
+    if stamp.is_file():
+        out["build"] = {k: v for k, v in json.loads(stamp.read_text()).items() if k != "recipe"}
     metrics = work / "sft" / "metrics.jsonl"
     if metrics.is_file():
         lines = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -13,7 +13,7 @@ apply to the platform at hand are ignored by it.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, List, Optional
+from typing import ClassVar, List
 
 from home_rl.errors import ConfigError
 
