@@ -31,10 +31,19 @@ def submit_with_retry(env: dict, *args: str) -> subprocess.CompletedProcess:
         time.sleep(3)
 
 
-def actor_processes() -> list[str]:
-    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [line for line in ps.splitlines() if "ray::LearnerWorker" in line or "ray::RolloutWorker" in line
-            or "ray::RewardWorker" in line]
+def actor_processes(temp_dir: str) -> list[str]:
+    """Learner/rollout/reward actor processes of the cluster started with `temp_dir` (its raylet's descendants)."""
+    rows = [line.split(None, 2) for line in subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
+                                                            text=True).stdout.splitlines()]
+    rows = [(int(r[0]), int(r[1]), r[2] if len(r) > 2 else "") for r in rows]
+    ours = {pid for pid, _, args in rows if temp_dir in args}
+    grew = True
+    while grew:  # add children until nothing new: Ray's workers are the raylet's children
+        new = {pid for pid, ppid, _ in rows if ppid in ours and pid not in ours}
+        ours |= new
+        grew = bool(new)
+    names = ("ray::LearnerWorker", "ray::RolloutWorker", "ray::RewardWorker")
+    return [args for pid, _, args in rows if pid in ours and args.startswith(names)]
 
 
 @pytest.fixture()
@@ -51,12 +60,34 @@ def ray_head():
         deadline = time.time() + 120  # the job agent comes up some seconds after `ray start` returns
         while ray_cli("job", "list", f"--address={ADDRESS}", env=env).returncode != 0 and time.time() < deadline:
             time.sleep(2)
-        yield env
+        yield env, temp
     finally:
-        ray_cli("stop", "--force", env=env)
+        stop_cluster(temp)
+
+
+def stop_cluster(temp_dir: str) -> None:
+    """Stop only the cluster this test started (`ray stop` would stop every Ray cluster on the machine,
+    the test session's own included): its processes carry its temp dir in their command lines, and
+    its workers exit when their raylet does."""
+    import signal
+
+    def ours() -> list[int]:
+        ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+        return [int(line.split(None, 1)[0]) for line in ps.splitlines() if temp_dir in line]
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 0)):
+        for pid in ours():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while ours() and time.time() < deadline:
+            time.sleep(0.5)
 
 
 def test_ray_job_submit_runs_the_main_job(ray_head, tiny_model, tmp_path):
+    ray_head, temp = ray_head
     home = upcycle(tiny_model("qwen2")).save_pretrained(tmp_path / "home")
     args = [f"model.path={home}", "model.dtype=float32", f"output_dir={tmp_path / 'run'}", "trainer.total_steps=2",
             "synthetic_rows=16", "data.prompts_per_step=4", "rollout.n=2", "rollout.max_response_tokens=8",
@@ -78,6 +109,6 @@ def test_ray_job_submit_runs_the_main_job(ray_head, tiny_model, tmp_path):
     stopped = ray_cli("job", "stop", f"--address={ADDRESS}", "grpo-stop", env=ray_head)
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     deadline = time.time() + 90
-    while time.time() < deadline and actor_processes():
+    while time.time() < deadline and actor_processes(temp):
         time.sleep(2)
-    assert actor_processes() == []
+    assert actor_processes(temp) == []
