@@ -23,7 +23,7 @@ def ray_cli(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedPr
 
 def submit_with_retry(env: dict, *args: str) -> subprocess.CompletedProcess:
     """Submit; while the head reports no job agent yet (it registers late on a busy machine), try again."""
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:
         job = ray_cli("job", "submit", f"--address={ADDRESS}", "--working-dir=.", *args, env=env, timeout=600)
         if "No available agent" not in job.stderr or time.time() > deadline:
