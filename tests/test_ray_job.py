@@ -13,7 +13,19 @@ from home_rl.model import upcycle
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ADDRESS = "http://127.0.0.1:8265"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Own ports for this test's cluster: the test session's local Ray runtime holds the default ones.
+GCS_PORT, DASHBOARD_PORT, CLIENT_PORT, AGENT_PORT, AGENT_GRPC_PORT = (free_port() for _ in range(5))
+ADDRESS = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 
 def ray_cli(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -54,6 +66,8 @@ def ray_head():
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     started = ray_cli("start", "--head", "--num-cpus=8", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                      f"--port={GCS_PORT}", f"--dashboard-port={DASHBOARD_PORT}", f"--ray-client-server-port={CLIENT_PORT}",
+                      f"--dashboard-agent-listen-port={AGENT_PORT}", f"--dashboard-agent-grpc-port={AGENT_GRPC_PORT}",
                       f"--temp-dir={temp}", "--disable-usage-stats", env=env)
     assert started.returncode == 0, started.stderr[-2000:]
     try:
