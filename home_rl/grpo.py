@@ -27,12 +27,12 @@ class GRPOConfig:
     clip_ratio_high: float = 0.28  # ratio clipped above at 1 + clip_ratio_high (DAPO's clip-higher)
     clip_ratio_c: float = 3.0  # dual-clip bound for negative advantages (must be > 1)
     loss_agg_mode: str = "token-mean"  # how token losses become one number: token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
-    kl_coef: float = 0.001  # weight of the KL penalty to the reference think expert; 0 skips reference log-probs
+    kl_coef: float = 0.0  # weight of the KL penalty to the reference think expert (verl's use_kl_loss; e.g. 0.001); 0 skips reference log-probs
     kl_estimator: str = "low_var_kl"  # verl KL estimator: low_var_kl | k1 | k2 | k3 | abs | mse
     entropy_coef: float = 0.0  # entropy bonus weight (entropy is always logged)
     ppo_epochs: int = 1  # passes over each step's rollouts
     mini_batches: int = 1  # optimizer steps per pass (the step's sequences split into this many mini-batches)
-    recompute_old_log_probs: bool = True  # old log-probs from the learner (exact); false uses the rollout engine's
+    recompute_old_log_probs: bool = True  # old log-probs from the learner (exact; with 1 epoch and 1 mini-batch no pass is needed: old = current, detached); false uses the rollout engine's
     filter_zero_variance: bool = False  # DAPO-style: drop prompt groups whose rewards are all equal, regenerate to refill
     max_regenerations: int = 2  # extra rollout rounds per step to refill the batch after filtering
 
@@ -67,6 +67,10 @@ class GRPOLoss:
     cfg: GRPOConfig
     needs_entropy: bool = True  # entropy is a metric even when its coefficient is 0
 
+    @property
+    def entropy_grad(self) -> bool:  # only an entropy bonus differentiates it
+        return self.cfg.entropy_coef != 0
+
     def __call__(self, x) -> tuple[torch.Tensor, dict]:
         from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
         from verl.workers.config import ActorConfig
@@ -80,7 +84,9 @@ class GRPOLoss:
             clip_ratio=cfg.clip_ratio_low, clip_ratio_low=cfg.clip_ratio_low, clip_ratio_high=cfg.clip_ratio_high,
             clip_ratio_c=cfg.clip_ratio_c, loss_agg_mode=cfg.loss_agg_mode, global_batch_info=counts)
         advantages = x.token_data["advantages"].to(x.log_probs.dtype)
-        old = x.token_data["old_log_probs"].to(x.log_probs.dtype)
+        # On-policy (one epoch, one mini-batch) the old policy is the current one: no extra forward pass.
+        old = x.token_data["old_log_probs"].to(x.log_probs.dtype) if "old_log_probs" in x.token_data \
+            else x.log_probs.detach()
         pg_loss, pg_metrics = get_policy_loss_fn(cfg.policy_loss)(
             old_log_prob=old, log_prob=x.log_probs, advantages=advantages, response_mask=mask,
             loss_agg_mode=cfg.loss_agg_mode, config=policy_config, rollout_is_weights=None)

@@ -47,6 +47,7 @@ def default_sources() -> Dict[str, List[VerifierEntry]]:
 class RewardConfig:
     num_workers: int = 2  # reward worker actors (Ray) scoring a batch in parallel
     cpus_per_worker: float = 1.0  # logical CPUs each reward worker asks Ray for
+    node_resource: str = ""  # custom Ray resource marking the nodes reward workers may use; "": any node
     timeout_s: float = 5.0  # hard limit per sample and verifier (batched verifiers: per sample in the call); past it the sample scores 0
     percent_as_fraction: bool = False  # math: a percentage also reads as a fraction (50\% matches 0.5, and still 50)
     ocr_metric: str = "exact"  # ocr: exact (normalised exact match) | anls (edit-distance similarity)

@@ -58,7 +58,9 @@ class RewardPool:
                    for source, entries in cfg.sources.items()}
         self.cfg = dataclasses.replace(cfg, sources=sources)
         setup = {"sys_path": list(sys.path), "verifiers": _verifier_refs(self.cfg)}
-        worker = ray.remote(RewardWorker).options(num_cpus=cfg.cpus_per_worker)
+        from home_rl.cluster import reward_options
+
+        worker = ray.remote(RewardWorker).options(**reward_options(cfg))
         self.workers = [worker.remote(self.cfg, setup) for _ in range(cfg.num_workers)]
         ray.get([w.ready.remote() for w in self.workers])  # a sandbox that cannot start fails here, not mid-run
         self.failure_totals: Counter = Counter()

@@ -96,3 +96,18 @@ def test_kl_coefficient_zero_needs_no_reference():
     # ratio 1 everywhere: the loss is minus the token-mean advantage
     expected = -(adv * mask).sum() / mask.sum()
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6) and "kl" not in metrics
+
+
+def test_on_policy_without_old_log_probs_gives_the_same_loss_and_gradient():
+    """One epoch, one mini-batch: the old policy is the current one, so no recompute pass is needed."""
+    log_probs, _, _, adv, mask = _batch(0.0, 0.0)
+    grads = []
+    for old in (log_probs.detach().clone(), None):
+        lp = log_probs.detach().clone().requires_grad_(True)
+        token_data = {"advantages": adv, **({"old_log_probs": old} if old is not None else {})}
+        x = LossInputs(log_probs=lp, entropy=None, loss_mask=mask, token_data=token_data, seq_data={},
+                       global_tokens=mask.sum().item(), global_sequences=8, world_size=1)
+        loss, _ = GRPOLoss(GRPOConfig())(x)
+        loss.backward()
+        grads.append((loss.item(), lp.grad))
+    assert grads[0][0] == grads[1][0] and torch.equal(grads[0][1], grads[1][1])

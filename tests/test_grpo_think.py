@@ -30,8 +30,10 @@ def tiny_config(home: Path, out: Path, steps: int, **overrides) -> GRPOThinkConf
     cfg.reward.num_workers = 1
     cfg.reward.sources = {"math": [VerifierEntry(DIGITS, 1.0)]}
     cfg.learner.num_learners, cfg.learner.lr, cfg.learner.micro_batch_size = 1, 1e-3, 8
-    cfg.algorithm.kl_coef = 0.01
+    cfg.algorithm.kl_coef = 0.01  # the frozen think_ref copy and reference log-probs are exercised
+    cfg.algorithm.filter_zero_variance = False  # steps of 4 groups exactly, for the resume comparison
     cfg.trainer.total_steps, cfg.trainer.save_every, cfg.trainer.log_every = steps, 1, 1
+    cfg.eval.rows = 4
     for key, value in overrides.items():
         section, _, name = key.partition("__")
         setattr(getattr(cfg, section), name, value) if name else setattr(cfg, section, value)
@@ -65,6 +67,9 @@ def test_grpo_trains_only_the_think_expert_and_resumes_exactly(tiny_home, ray_lo
                 "timing/weight_sync_s", "timing/step_s", "throughput/tokens_per_s", "reward/math/mean"):
         assert key in metrics[0], key
     assert (out / "config.yaml").is_file() and (out / "plots" / "overview.png").is_file()
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 3] and evals[0]["eval/prompts"] == 4  # held-out: before and after
+    assert "eval/accuracy" in metrics[-1] and "eval/accuracy" not in metrics[0]
     assert any((out / "tensorboard").iterdir())
 
     # only think-expert tensors changed; the KL reference copy is not saved
@@ -88,6 +93,7 @@ def test_grpo_trains_only_the_think_expert_and_resumes_exactly(tiny_home, ray_lo
     train(tiny_config(tiny_home, out, steps=3, trainer__resume="auto"))
     resumed = read_metrics(out)
     assert [m["step"] for m in resumed] == [1, 2, 3]  # continued after step 1, no duplicate lines
+    assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [0, 3]
     assert rollout_ids(out, 3) == original_rollouts  # same prompts, same samples: data order and weights restored
     for step in (2, 3):
         for key in ("reward/mean", "response_length/mean"):
@@ -102,9 +108,11 @@ def test_grpo_with_images_on_tiny_qwen2_5_vl(tiny_model, ray_local, tmp_path):
     cfg = tiny_config(home, tmp_path / "run", steps=2)
     cfg.data.path = str(data)
     cfg.reward.sources = {"ocr": [VerifierEntry(DIGITS, 1.0)]}
+    cfg.algorithm.filter_zero_variance = True  # the embedded default's setting
     final = train(cfg)
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["reward/ocr/mean"] >= 0
+    assert all(0 <= m["zero_std_frac"] <= 1 and m["regenerations"] in (0, 1, 2) for m in metrics)
     assert HomeModel.from_pretrained(final).arch.multimodal
 
 

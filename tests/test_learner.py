@@ -118,6 +118,20 @@ def test_schedule_and_trainable_presets(dense_dir):
         LearnerConfig(trainable=3)
 
 
+def test_shared_preset_is_everything_but_experts_and_router(home_dir):
+    from home_rl.model import HomeModel
+
+    model = HomeModel.from_pretrained(home_dir)
+    names = [n for n, _ in model.named_parameters()]
+    trainable = set(select_trainable(model, trainable_patterns("think,shared"), never=("*.experts.think_ref.*",)))
+    assert {n for n in names if ".experts.think." in n} <= trainable
+    assert not any(".experts.fast." in n or n.startswith("router.") for n in trainable)
+    shared = [n for n in names if ".experts." not in n and not n.startswith("router.")]
+    assert shared and set(shared) <= trainable  # attention, norms, embeddings
+    assert set(select_trainable(model, ["*.self_attn.* -*.layers.0.*"])) == {
+        n for n in names if ".self_attn." in n and ".layers.0." not in n}
+
+
 # ----------------------------------------------------------------------------- dense groups vs torch
 
 

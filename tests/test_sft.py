@@ -128,3 +128,20 @@ def test_stage_sft_of_a_home_model_trains_tokens_and_router(ray_local, tiny_mode
     assert min(m["router_loss"] for m in metrics[3:]) < metrics[0]["router_loss"]
     assert is_home_checkpoint(final)
     HomeModel.from_pretrained(final)
+
+
+@pytest.mark.slow
+def test_cold_start_teaches_both_output_templates():
+    """The embedded default's cold start (built once, then cached): >= 90% well-formed answers per template."""
+    from home_rl.learner.cold_start import cold_start_dir, ensure_cold_start, evaluate_templates, heldout_rows
+    from home_rl.model import is_home_checkpoint
+    from home_rl.model.embedded import cache_dir
+
+    home = ensure_cold_start("smollm2")
+    assert home == cold_start_dir("smollm2") and is_home_checkpoint(home)
+    rows = heldout_rows(200, cache_dir() / "cold_start" / "smollm2" / "data" / "data.jsonl")
+    assert len(rows) == 200
+    report = evaluate_templates(home, rows, temperature=1.0)
+    print(json.dumps(report))
+    for expert in ("think", "fast"):
+        assert report[expert]["well_formed"] >= 0.9, report[expert]

@@ -15,7 +15,7 @@ from home_rl.errors import ConfigError
 class LearnerConfig:
     num_learners: int = 1  # learner actors: the data-parallel ranks of one DeepSpeed group
     zero_stage: int = 3  # DeepSpeed ZeRO stage (3: parameters, gradients and optimiser state partitioned)
-    trainable: Any = "all"  # what trains: all | think | fast | router, or a list of glob patterns over parameter names
+    trainable: Any = "all"  # what trains: all | think | fast | router | shared (all but experts and router), or glob patterns over parameter names ("glob -excluded_glob ...")
     lr: float = 1e-5  # peak learning rate (reached at the end of warm-up)
     lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (decay to min_lr_ratio * lr at the last step)
     warmup_steps: int = 0  # optimizer steps of linear warm-up from lr / (warmup_steps + 1)
@@ -31,6 +31,7 @@ class LearnerConfig:
     backend: str = "auto"  # torch.distributed backend: auto (nccl on GPU, gloo on CPU) | gloo | nccl
     cpus_per_learner: float = 1.0  # logical Ray CPUs each learner actor asks for
     threads_per_learner: int = 0  # torch threads per learner (0: cpus_per_learner, at least 1)
+    node_resource: str = ""  # custom Ray resource marking the nodes learners may use (e.g. learner); "": any node
 
     CHOICES: ClassVar[dict] = {"zero_stage": (0, 1, 2, 3), "lr_schedule": ("constant", "cosine", "linear"),
                                "device": ("auto", "cpu", "cuda"), "backend": ("auto", "gloo", "nccl")}
@@ -54,6 +55,7 @@ PRESETS = {
     "think": ("*.experts.think.*",),
     "fast": ("*.experts.fast.*",),
     "router": ("router.*",),
+    "shared": ("* -*.experts.* -router.*",),  # attention, embeddings, norms, vision tower: what both views share
 }
 
 
@@ -67,7 +69,7 @@ def trainable_patterns(trainable: Any) -> list[str]:
         raise ConfigError(f"learner.trainable must be a preset ({', '.join(PRESETS)}) or a list of parameter-name "
                           f"patterns, got {trainable!r}")
     if not items:
-        raise ConfigError("learner.trainable is empty: name a preset (all | think | fast | router) or patterns")
+        raise ConfigError(f"learner.trainable is empty: name a preset ({' | '.join(PRESETS)}) or patterns")
     patterns = []
     for item in items:
         patterns.extend(PRESETS.get(item, (item,)))

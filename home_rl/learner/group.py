@@ -1,5 +1,8 @@
 """LearnerGroup: L learner actors in a Ray placement group, forming one DeepSpeed data-parallel group.
 
+The placement group comes from `home_rl.cluster.Placement` (made here for the learners alone, or
+passed in by a job that places its rollout workers too).
+
 Rank 0 picks the rendezvous address and port; every rank joins. Each call splits its batch over
 the ranks (similar token counts), tells every rank how many micro-batches to run (the same
 number everywhere: ZeRO-3's collectives need it) and the step's global counts (so losses are
@@ -19,6 +22,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from home_rl.cluster import Placement
 from home_rl.config import to_dict
 from home_rl.errors import HomeRLError
 from home_rl.learner.batch import Sequence, split_for_ranks
@@ -31,32 +35,20 @@ _SHARED_METRICS = ("grad_norm", "lr", "step")
 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, model_path: str, dtype: str = "bfloat16", total_steps: int = 1,
-                 ready_timeout_s: float = 300.0):
+                 placement: Optional[Placement] = None):
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.cfg = cfg
         self.world_size = cfg.num_learners
-        use_gpu = _use_gpu(cfg)
-        bundle = {"CPU": cfg.cpus_per_learner, **({"GPU": 1} if use_gpu else {})}
-        self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
-        ready, _ = ray.wait([self.placement_group.ready()], timeout=ready_timeout_s)
-        if not ready:
-            ray.util.remove_placement_group(self.placement_group)
-            raise HomeRLError(f"the Ray cluster cannot place {self.world_size} learners of {bundle} each "
-                              f"(available: {ray.available_resources()}); lower learner.num_learners or "
-                              f"learner.cpus_per_learner, or start Ray with more CPUs")
+        self.own_placement = placement is None
+        self.placement = placement or Placement(learner=cfg)
         threads = cfg.threads_per_learner or max(1, int(cfg.cpus_per_learner))
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        if not use_gpu:
+        if not self.placement.learner_gpu:
             env["DS_ACCELERATOR"] = "cpu"
         actor = ray.remote(LearnerWorker)
-        self.actors = [
-            actor.options(num_cpus=cfg.cpus_per_learner, num_gpus=1 if use_gpu else 0,
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, i),
-                          runtime_env={"env_vars": env}).remote(i, self.world_size, to_dict(cfg), threads)
-            for i in range(self.world_size)]
+        self.actors = [actor.options(**self.placement.learner_options(i), runtime_env={"env_vars": env})
+                       .remote(i, self.world_size, to_dict(cfg), threads) for i in range(self.world_size)]
         addr, port = ray.get(self.actors[0].address.remote())
         try:
             self.info = _get([a.setup.remote(addr, port, str(model_path), dtype, total_steps) for a in self.actors])
@@ -155,9 +147,8 @@ class LearnerGroup:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
-        if self.placement_group is not None:
-            ray.util.remove_placement_group(self.placement_group)
-            self.placement_group = None
+        if self.own_placement:
+            self.placement.shutdown()
 
 
 def _get(refs: list) -> list:
@@ -171,13 +162,3 @@ def _get(refs: list) -> list:
             raise e.cause from None
         raise
 
-
-def _use_gpu(cfg: LearnerConfig) -> bool:
-    import ray
-
-    if cfg.device == "cpu":
-        return False
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if cfg.device == "cuda" and gpus < cfg.num_learners:
-        raise HomeRLError(f"learner.device=cuda needs {cfg.num_learners} GPUs; the Ray cluster has {gpus:g}")
-    return gpus >= cfg.num_learners

@@ -36,7 +36,8 @@ LossFn = Callable[[LossInputs], tuple[torch.Tensor, dict]]
 @dataclasses.dataclass(frozen=True)
 class LossSpec:
     fn: LossFn
-    needs_entropy: bool = False
+    needs_entropy: bool = False  # the loss reads token entropies
+    entropy_grad: bool = True  # ... and differentiates them (False: a metric, computed without a graph)
 
 
 def sft_loss(x: LossInputs) -> tuple[torch.Tensor, dict]:
@@ -56,22 +57,29 @@ def resolve_loss(loss: str | LossFn | LossSpec) -> LossSpec:
     if isinstance(loss, LossSpec):
         return loss
     if callable(loss):
-        return LossSpec(loss, getattr(loss, "needs_entropy", False))
+        return LossSpec(loss, getattr(loss, "needs_entropy", False), getattr(loss, "entropy_grad", True))
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; registered: {', '.join(LOSSES)}")
     return LOSSES[loss]
 
 
 def token_log_probs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
-                    temperature: float = 1.0) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Log-probs of `targets` under `logits` [B, K, V] (in fp32), and optionally the token entropies."""
+                    temperature: float = 1.0, entropy_grad: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs of `targets` under `logits` [B, K, V] (in fp32), and optionally the token entropies.
+
+    An entropy that is only a metric (`entropy_grad=False`) keeps no graph: its softmax-sized
+    intermediates would otherwise stay alive until backward.
+    """
     from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
 
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     log_probs = logprobs_from_logits(logits, targets)
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits)
     return log_probs, entropy
 
 

@@ -13,6 +13,13 @@ from torch import nn
 from home_rl.errors import ConfigError
 
 
+def name_matches(name: str, pattern: str) -> bool:
+    """A pattern is a glob, optionally followed by exclusions: "* -*.experts.* -router.*"."""
+    include, *excludes = pattern.split(" -")
+    return fnmatch.fnmatchcase(name, include.strip()) and not any(
+        fnmatch.fnmatchcase(name, e.strip()) for e in excludes)
+
+
 def select_trainable(model: nn.Module, patterns: list[str], never: tuple[str, ...] = ()) -> list[str]:
     """Freeze every parameter whose name matches none of `patterns` (or matches one of `never`).
 
@@ -21,8 +28,7 @@ def select_trainable(model: nn.Module, patterns: list[str], never: tuple[str, ..
     """
     trainable = []
     for name, param in model.named_parameters():
-        keep = any(fnmatch.fnmatchcase(name, p) for p in patterns) and not any(
-            fnmatch.fnmatchcase(name, p) for p in never)
+        keep = any(name_matches(name, p) for p in patterns) and not any(name_matches(name, p) for p in never)
         param.requires_grad_(keep)
         if keep:
             trainable.append(name)

@@ -151,18 +151,22 @@ def load_processor(model_dir: str | Path):
 # ----------------------------------------------------------------------------- the run
 
 
-def ensure_ray(num_cpus_needed: float) -> None:
-    """Join the Ray cluster of RAY_ADDRESS, or start a local one with enough logical CPUs for the learners."""
+def ensure_ray(num_cpus_needed: float) -> bool:
+    """Join the Ray cluster of RAY_ADDRESS, or start a local one with enough logical CPUs for the learners.
+
+    Returns whether this call connected (so the caller disconnects when done); False if Ray was up already.
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
-        return
+        return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999)),
              include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
 
 
 def run_sft(cfg: SFTConfig) -> Path:
@@ -170,7 +174,6 @@ def run_sft(cfg: SFTConfig) -> Path:
     from home_rl.learner.group import LearnerGroup
     from home_rl.model import is_home_checkpoint
     from home_rl.model.embedded import resolve_model_path
-    from home_rl.tracking import MetricsLogger, progress
 
     if cfg.trainer.total_steps < 1:
         raise ConfigError(f"trainer.total_steps must be at least 1, got {cfg.trainer.total_steps}")
@@ -188,8 +191,29 @@ def run_sft(cfg: SFTConfig) -> Path:
     save_config(cfg, out)
 
     resume_from = resolve_resume(out, cfg.trainer.resume)
-    ensure_ray(cfg.learner.num_learners * cfg.learner.cpus_per_learner)
-    group = LearnerGroup(cfg.learner, str(model_dir), cfg.model.dtype, cfg.trainer.total_steps)
+    started_ray = ensure_ray(cfg.learner.num_learners * cfg.learner.cpus_per_learner)
+    try:
+        group = LearnerGroup(cfg.learner, str(model_dir), cfg.model.dtype, cfg.trainer.total_steps)
+        try:
+            log.info("SFT of %s (%s, %s) on %d rows (%d sequences per epoch), learners: %s", model_dir,
+                     "HOME" if is_home else "dense", group.info[0]["dtype"], len(rows),
+                     sum(len(s) for s in sequences.values()), group.info[0])
+            return train_loop(cfg, group, loader, sequences, resume_from)
+        finally:
+            group.shutdown()
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def train_loop(cfg: SFTConfig, group, loader: PromptLoader, sequences: dict[str, list[Sequence]],
+               resume_from: Path | None) -> Path:
+    """Steps from the checkpoint (or 0) to trainer.total_steps: metrics, checkpoints, then output_dir/final."""
+    from home_rl.tracking import MetricsLogger, progress
+
+    out = Path(cfg.output_dir)
     step = 0
     if resume_from is not None:
         state = read_state(resume_from)
@@ -198,9 +222,6 @@ def run_sft(cfg: SFTConfig) -> Path:
             raise HomeRLError(f"checkpoint {resume_from} holds learner step {step} but trainer step {state['step']}")
         loader.load_state_dict(state["loader"])
         log.info("resumed from %s at step %d", resume_from, step)
-    log.info("SFT of %s (%s, %s) on %d rows (%d sequences per epoch), learners: %s", model_dir,
-             "HOME" if is_home else "dense", group.info[0]["dtype"], len(rows),
-             sum(len(s) for s in sequences.values()), group.info[0])
 
     metrics_log = MetricsLogger(out, resume_step=step, tensorboard=cfg.trainer.tensorboard)
     bar = progress(cfg.trainer.total_steps, initial=step, desc="sft")
@@ -218,11 +239,10 @@ def run_sft(cfg: SFTConfig) -> Path:
                          metrics["loss"], metrics["grad_norm"], metrics["lr"], metrics["tokens_per_s"])
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.total_steps:
                 save_checkpoint(out, step, group, {"loader": loader.state_dict()}, cfg.trainer.keep_checkpoints)
-        start = time.perf_counter()
-        final = Path(group.save_model(str(out / "final")))
-        log.info("final model written to %s (%.1f s)", final, time.perf_counter() - start)
     finally:
         bar.close()
         metrics_log.close()
-        group.shutdown()
+    start = time.perf_counter()
+    final = Path(group.save_model(str(out / "final")))
+    log.info("final model written to %s (%.1f s)", final, time.perf_counter() - start)
     return final

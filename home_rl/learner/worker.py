@@ -34,7 +34,10 @@ def deepspeed_config(cfg: LearnerConfig, dtype: torch.dtype, world_size: int) ->
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage == 3:
         zero.update(overlap_comm=False, contiguous_gradients=True, stage3_param_persistence_threshold=0,
-                    stage3_gather_16bit_weights_on_model_save=True)
+                    stage3_gather_16bit_weights_on_model_save=True,
+                    # DeepSpeed's default bucket (5e8 elements) is a 1-2 GB gradient buffer per rank,
+                    # larger than a small model: 5e7 keeps it at 100-200 MB.
+                    reduce_bucket_size=int(5e7))
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -139,8 +142,8 @@ class LearnerWorker:
             inputs["route"] = mb.routes if mb.routes is not None else "think"
         return self.engine(**inputs).logits
 
-    def _forward(self, mb, with_entropy: bool, temperature: float):
-        return token_log_probs(self._logits(mb), mb.targets, with_entropy, temperature)
+    def _forward(self, mb, with_entropy: bool, temperature: float, entropy_grad: bool = True):
+        return token_log_probs(self._logits(mb), mb.targets, with_entropy, temperature, entropy_grad)
 
     def train_step(self, shard: list[Sequence], num_micro: int, totals: dict, loss: Any = "sft",
                    router_loss_weight: float = 0.0, temperature: float = 1.0) -> dict:
@@ -158,7 +161,7 @@ class LearnerWorker:
         start = time.perf_counter()
         for _, seqs in micro_batches(shard, self.cfg.micro_batch_size, num_micro):
             mb = collate(seqs, pad_id=0).to(self.device)
-            log_probs, entropy = self._forward(mb, spec.needs_entropy, temperature)
+            log_probs, entropy = self._forward(mb, spec.needs_entropy, temperature, spec.entropy_grad)
             inputs = LossInputs(log_probs=log_probs, entropy=entropy, loss_mask=mb.loss_mask, token_data=mb.token_data,
                                 seq_data=mb.seq_data, global_tokens=totals["tokens"],
                                 global_sequences=totals["sequences"], world_size=self.world_size)

@@ -45,6 +45,9 @@ class RolloutConfig:
     in_process_engine: bool = True  # run the engine inside the actor (VLLM_ENABLE_V1_MULTIPROCESSING=0); false: vLLM's own engine process (needed for tensor_parallel_size > 1)
     limit_images_per_prompt: int = 4  # most images one prompt may carry (vLLM sizes its multimodal buffers by it)
     update_bucket_mb: int = 256  # weight updates travel in buckets of at most this many MB (no step holds a whole model copy)
+    node_resource: str = ""  # custom Ray resource marking the nodes rollout workers may use (e.g. rollout); "": any node
+    sleep_during_updates: bool = False  # CUDA build: offload the engine's weights and drop its KV cache while learners update (set by cluster.mode=colocated)
+    max_restarts: int = 3  # a worker that dies is restarted and its share re-issued, at most this many times per call
 
     CHOICES: ClassVar[dict] = {
         "on_long_prompt": ("error", "truncate", "skip"),
@@ -77,6 +80,8 @@ def check_rollout_config(cfg: RolloutConfig) -> None:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.top_p}")
     if cfg.top_k == 0 or cfg.top_k < -1:
         raise ConfigError(f"rollout.top_k must be -1 (off) or at least 1, got {cfg.top_k}")
+    if cfg.max_restarts < 0:
+        raise ConfigError(f"rollout.max_restarts must be >= 0, got {cfg.max_restarts}")
     if cfg.kv_cache_gib < 0 or cfg.threads_per_worker < 0:
         raise ConfigError("rollout.kv_cache_gib and rollout.threads_per_worker must be >= 0")
     if cfg.tensor_parallel_size > 1 and cfg.in_process_engine:

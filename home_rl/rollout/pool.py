@@ -7,12 +7,18 @@
 
 A batch is split so that every worker gets about the same number of prompts and about the same
 amount of work (prompt length plus the responses' budget), then put back in input order.
+
+A worker that dies (node lost, OOM-killed, preempted) is restarted in its placement bundle, brought
+to the current weights through `weights_source` (a callable yielding the changed tensors, e.g. the
+learners' think expert), and its share of the call is issued again with the same seed. Restarts
+are counted in the stats (`worker_restarts`) and in `pool.restarts`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -21,6 +27,9 @@ from home_rl.rollout.config import RolloutConfig, check_rollout_config
 from home_rl.rollout.inputs import as_vllm_prompt
 from home_rl.rollout.types import RolloutResult, Sample
 from home_rl.rollout.worker import RolloutWorker, engine_env, iter_buckets
+
+log = logging.getLogger(__name__)
+WeightsSource = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 
 CHARS_PER_TOKEN = 4  # rough size of a text prompt before tokenisation (balancing only)
 TOKENS_PER_IMAGE = 256  # rough size of an image in prompt tokens (balancing only)
@@ -56,22 +65,67 @@ def split_batch(costs: Sequence[float], num_workers: int) -> list[list[int]]:
 
 
 def worker_seed(seed: int, rank: int) -> int:
-    """Distinct, reproducible sampler seeds per worker for one generate call."""
-    return seed * 65_537 + rank
+    """Distinct, reproducible sampler seeds per worker for one generate call (in the 32 bits vLLM takes)."""
+    return (seed * 65_537 + rank) % 2**32
 
 
 class RolloutPool:
-    def __init__(self, model_path: str, cfg: RolloutConfig):
-        import ray
+    def __init__(self, model_path: str, cfg: RolloutConfig, placement: Any = None,
+                 weights_source: Optional[WeightsSource] = None):
+        """`placement`: a home_rl.cluster.Placement holding the workers' bundles (None: the pool makes
+        its own). `weights_source`: what a restarted worker loads after the view on disk, once
+        update_weights has run (without one, a worker lost after an update cannot be replaced)."""
+        from home_rl.cluster import Placement
 
         check_rollout_config(cfg)
         self.cfg, self.model_path = cfg, str(model_path)
-        actor = ray.remote(RolloutWorker).options(
-            num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
-            runtime_env={"env_vars": engine_env(cfg)})
-        self.workers = [actor.remote(self.model_path, cfg, rank) for rank in range(cfg.num_workers)]
-        self.info = _get([w.ready.remote() for w in self.workers])
+        self.own_placement = placement is None
+        self.placement = placement or Placement(rollout=cfg)
+        self.weights_source = weights_source
         self.version = 0
+        self.restarts = 0
+        self.workers = [self._start(rank) for rank in range(cfg.num_workers)]
+        self.info = _get([w.ready.remote() for w in self.workers])
+
+    def _start(self, rank: int):
+        import ray
+
+        actor = ray.remote(RolloutWorker).options(**self.placement.rollout_options(rank),
+                                                   runtime_env={"env_vars": engine_env(self.cfg)})
+        return actor.remote(self.model_path, self.cfg, rank)
+
+    def _restart(self, rank: int, error: BaseException) -> None:
+        """Replace dead worker `rank`: a new actor in the same bundle, at the pool's weights version."""
+        import ray
+
+        if self.version and self.weights_source is None:
+            raise HomeRLError(f"rollout worker {rank} died after a weight update and the pool has no "
+                              f"weights_source to bring a replacement up to date") from error
+        log.warning("rollout worker %d died (%s): restarting it (restart %d)", rank,
+                    str(error).splitlines()[0][:200], self.restarts + 1)
+        try:
+            ray.kill(self.workers[rank])
+        except Exception:  # noqa: BLE001  already gone
+            pass
+        self.workers[rank] = self._start(rank)
+        info = _get(self.workers[rank].ready.remote())
+        if self.version:
+            self._push([self.workers[rank]], self.weights_source(), self.version, self.cfg.update_bucket_mb)
+        self.info[rank] = info
+        self.restarts += 1
+
+    def _call(self, rank: int, method: str, *args) -> Any:
+        """workers[rank].method(*args), restarting a dead worker and calling again (max_restarts times)."""
+        import ray
+
+        for attempt in range(self.cfg.max_restarts + 1):
+            try:
+                return _get(getattr(self.workers[rank], method).remote(*args))
+            except ray.exceptions.RayActorError as e:
+                if attempt == self.cfg.max_restarts:
+                    raise HomeRLError(f"rollout worker {rank} died {attempt + 1} times in one call "
+                                      f"(rollout.max_restarts={self.cfg.max_restarts}): {e}") from e
+                self._restart(rank, e)
 
     @property
     def num_workers(self) -> int:
@@ -84,17 +138,24 @@ class RolloutPool:
         stats: totals (prompts, samples, generated_tokens, seconds = wall time, tokens_per_s, long/
         truncated/skipped prompts) and `per_worker`: each worker's own counts, seconds and tokens_per_s.
         """
+        import ray
+
         start = time.perf_counter()
+        restarts_before = self.restarts
         prompts = [as_vllm_prompt(p) for p in prompts]  # rendered prompts travel as their vLLM input only
         budget = (n or self.cfg.n) * (sampling or {}).get("max_response_tokens", self.cfg.max_response_tokens)
         parts = split_batch([prompt_cost(p, budget) for p in prompts], self.num_workers)
-        refs, used = [], []
-        for rank, (worker, idx) in enumerate(zip(self.workers, parts)):
-            if idx:
-                refs.append(worker.generate.remote([prompts[i] for i in idx], n, sampling,
-                                                   None if seed is None else worker_seed(seed, rank), idx, on_long_prompt))
-                used.append(idx)
-        results: list[RolloutResult] = _get(refs)
+        calls = [(rank, ([prompts[i] for i in idx], n, sampling, None if seed is None else worker_seed(seed, rank),
+                         idx, on_long_prompt)) for rank, idx in enumerate(parts) if idx]
+        refs = [self.workers[rank].generate.remote(*args) for rank, args in calls]
+        used = [parts[rank] for rank, _ in calls]
+        results: list[RolloutResult] = []
+        for (rank, args), ref in zip(calls, refs):  # all run at once; a dead worker's share runs again
+            try:
+                results.append(_get(ref))
+            except ray.exceptions.RayActorError as e:
+                self._restart(rank, e)
+                results.append(self._call(rank, "generate", *args))
         samples: list[list[Sample]] = [[] for _ in prompts]
         for idx, result in zip(used, results):
             for i, group in zip(idx, result.samples):
@@ -108,7 +169,8 @@ class RolloutPool:
                  "cpu_seconds": total("cpu_seconds"),
                  "long_prompts": total("long_prompts"), "truncated_prompts": total("truncated_prompts"),
                  "skipped_prompts": total("skipped_prompts"), "finish_length": total("finish_length"),
-                 "weights_version": self.version, "per_worker": per_worker}
+                 "weights_version": self.version, "worker_restarts": self.restarts - restarts_before,
+                 "per_worker": per_worker}
         return RolloutResult(samples, stats)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
@@ -116,32 +178,69 @@ class RolloutPool:
         """Send changed tensors (names of the served view) to every worker, one bucket at a time.
 
         Each bucket is put in Ray's object store once and loaded by all workers; the next bucket is
-        put while the workers load the current one, so at most two buckets are in flight.
+        put while the workers load the current one, so at most two buckets are in flight. If a
+        worker dies meanwhile, it is restarted and the update is made again from weights_source.
         """
         import ray
 
         start = time.perf_counter()
-        _get([w.begin_weight_update.remote() for w in self.workers])
+        try:
+            report = self._push(self.workers, named_tensors, version, bucket_mb or self.cfg.update_bucket_mb)
+        except ray.exceptions.RayActorError as e:
+            if self.weights_source is None:
+                raise
+            for rank in self._dead_ranks():  # then every worker loads the whole update again
+                self._restart(rank, e)
+            report = self._push(self.workers, self.weights_source(), version, bucket_mb or self.cfg.update_bucket_mb)
+        self.version = int(version)
+        return {**report, "version": self.version, "seconds": time.perf_counter() - start}
+
+    def _push(self, workers: list, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
+              bucket_mb: float) -> dict:
+        import ray
+
         pending: list = []
         nbytes = tensors = buckets = 0
         try:
-            for bucket in iter_buckets(named_tensors, bucket_mb or self.cfg.update_bucket_mb):
+            _get([w.begin_weight_update.remote() for w in workers])
+            for bucket in iter_buckets(named_tensors, bucket_mb):
                 ref = ray.put(bucket)
                 tensors += len(bucket)
                 nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
                 buckets += 1
                 del bucket
                 _get(pending)
-                pending = [w.load_weight_bucket.remote(ref) for w in self.workers]
+                pending = [w.load_weight_bucket.remote(ref) for w in workers]
                 del ref  # the workers' tasks keep it alive until they have loaded it
             _get(pending)
         except BaseException:
-            ray.get([w.abort_weight_update.remote() for w in self.workers])
+            for w in workers:  # the living ones drop the half-done update; a dead one is past caring
+                try:
+                    ray.get(w.abort_weight_update.remote(), timeout=60)
+                except Exception:  # noqa: BLE001
+                    pass
             raise
-        reports = _get([w.finish_weight_update.remote(version) for w in self.workers])
-        self.version = int(version)
-        return {"version": self.version, "tensors": tensors, "bytes": nbytes, "buckets": buckets,
-                "seconds": time.perf_counter() - start, "repacked_lm_heads": reports[0]["repacked_lm_heads"]}
+        reports = _get([w.finish_weight_update.remote(version) for w in workers])
+        return {"tensors": tensors, "bytes": nbytes, "buckets": buckets,
+                "repacked_lm_heads": reports[0]["repacked_lm_heads"]}
+
+    def _dead_ranks(self) -> list[int]:
+        import ray
+
+        dead = []
+        for rank, worker in enumerate(self.workers):
+            try:
+                ray.get(worker.ready.remote(), timeout=60)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(rank)
+        return dead
+
+    def sleep(self) -> None:
+        """Free the engines' GPU memory for a colocated update (a no-op where the build cannot sleep)."""
+        _get([w.sleep.remote() for w in self.workers])
+
+    def wake_up(self) -> None:
+        _get([w.wake_up.remote() for w in self.workers])
 
     def engine_tensors(self, names: Sequence[str], rank: int = 0) -> dict[str, torch.Tensor]:
         return _get(self.workers[rank].engine_tensors.remote(list(names)))
@@ -156,6 +255,8 @@ class RolloutPool:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+        if self.own_placement:
+            self.placement.shutdown()
 
 
 def _get(refs):

@@ -65,8 +65,11 @@ class RolloutWorker:
         torch.set_num_threads(threads_per_worker(cfg))
         import transformers
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.cfg, self.rank, self.model_path = cfg, rank, str(model_path)
+        # vLLM's sleep mode needs its CUDA memory allocator; the CPU build has nothing to free
+        self.can_sleep = cfg.sleep_during_updates and current_platform.is_sleep_mode_available()
         self.version = 0
         hf_config = transformers.AutoConfig.from_pretrained(self.model_path)
         multimodal = hasattr(hf_config, "vision_config")
@@ -85,7 +88,9 @@ class RolloutWorker:
             tensor_parallel_size=cfg.tensor_parallel_size,
             worker_extension_cls=EXTENSION,
             limit_mm_per_prompt={"image": cfg.limit_images_per_prompt} if multimodal else None,
+            enable_sleep_mode=self.can_sleep,
         )
+        self.asleep = False
         self.start_s = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
         self.image_token_id = _image_token_id(self.llm.llm_engine.model_config.hf_config) if multimodal else None
@@ -215,6 +220,7 @@ class RolloutWorker:
     def begin_weight_update(self) -> None:
         if self._in_update:
             raise RuntimeError(f"rollout worker {self.rank}: a weight update is already in progress")
+        self.wake_up()  # the weights must be resident to be overwritten
         self.llm.collective_rpc("home_rl_begin_update")
         self._in_update, self._held = True, []
 
@@ -269,6 +275,18 @@ class RolloutWorker:
     def engine_tensors(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """Copies of the engine's own parameters (vLLM names, e.g. model.norm.weight): for checks and debugging."""
         return self.llm.collective_rpc("home_rl_get_tensors", args=(list(names),))[0]
+
+    def sleep(self) -> None:
+        """Level 1: weights to host memory, KV cache dropped (the next wake_up restores the weights)."""
+        if self.can_sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+            self._reset_caches()
 
     def shutdown(self) -> None:
         llm, self.llm = self.llm, None
