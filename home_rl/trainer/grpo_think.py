@@ -61,6 +61,10 @@ def _algorithm_defaults() -> GRPOConfig:
     return GRPOConfig(filter_zero_variance=True, max_regenerations=1)
 
 
+def _reward_defaults() -> RewardConfig:
+    return RewardConfig(num_workers=1)  # math-verify scores a step's 128 samples in ~0.2 s: one worker is plenty
+
+
 def _trainer_defaults() -> TrainerConfig:
     return TrainerConfig(total_steps=20, save_every=5)
 
@@ -78,7 +82,7 @@ class GRPOThinkConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the HOME checkpoint to train (smollm2: the embedded default, built by its cold start when absent)
     data: DataConfig = dataclasses.field(default_factory=_data_defaults)  # prompts (data.path empty: synthetic multi-step math made for this run)
     rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)  # vLLM workers serving the think view
-    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)  # verifiers per data_source and their worker pool
+    reward: RewardConfig = dataclasses.field(default_factory=_reward_defaults)  # verifiers per data_source and their worker pool
     learner: LearnerConfig = dataclasses.field(default_factory=_learner_defaults)  # DeepSpeed ZeRO-3 learners
     algorithm: GRPOConfig = dataclasses.field(default_factory=_algorithm_defaults)  # advantages, policy loss, KL, PPO epochs
     trainer: TrainerConfig = dataclasses.field(default_factory=_trainer_defaults)  # steps, checkpoints, resume, logging
