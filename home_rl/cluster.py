@@ -86,6 +86,10 @@ def rollout_bundle(cfg: "RolloutConfig") -> dict[str, float]:
     return {"CPU": cfg.cpus_per_worker, **gpus, **label_resources(cfg.node_resource)}
 
 
+def reward_bundle(cfg: "RewardConfig") -> dict[str, float]:
+    return {"CPU": cfg.cpus_per_worker, **label_resources(cfg.node_resource)}
+
+
 def _merge(*parts: dict[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for part in parts:
@@ -181,7 +185,6 @@ class Placement:
 
     def __init__(self, cfg: Optional[ClusterConfig] = None, learner: Optional["LearnerConfig"] = None,
                  rollout: Optional["RolloutConfig"] = None, reward: Optional["RewardConfig"] = None):
-        import ray
         from ray.util.placement_group import placement_group
 
         self.cfg = cfg or ClusterConfig()
@@ -217,9 +220,9 @@ class Placement:
                                     for i in range(rollout.num_workers)]
         reward_bundles = []
         if reward is not None:  # no placement group (stateless workers), but they must fit too
-            reward_bundles = [Bundle({"CPU": reward.cpus_per_worker, **label_resources(reward.node_resource)},
-                                     f"reward worker {i}", "reward.num_workers, reward.cpus_per_worker, "
-                                     "reward.node_resource") for i in range(reward.num_workers)]
+            reward_keys = "reward.num_workers, reward.cpus_per_worker, reward.node_resource"
+            reward_bundles = [Bundle(reward_bundle(reward), f"reward worker {i}", reward_keys)
+                              for i in range(reward.num_workers)]
         check_resources(self.learner_bundles + self.rollout_bundles + reward_bundles, self.cfg.resource_wait_s)
 
         self.groups = []
