@@ -13,6 +13,7 @@ class DataConfig:
     max_prompt_tokens: int = 1024  # longest allowed prompt in tokens, image tokens included; longer rows are bad rows
     max_rows: Optional[int] = None  # use only the first N rows of the file (None: all of them)
     shuffle: bool = True  # new order every epoch, a fixed permutation of (seed, epoch)
+    stratify_by: str = ""  # a row field (dotted: extra_info.steps, data_source) whose values every batch holds in equal shares ("": plain shuffling)
     seed: int = 0  # seed of the per-epoch shuffling
     drop_last: bool = True  # drop the last, incomplete batch of an epoch (keeps every step prompts_per_step long)
     template: str = "auto"  # prompt template: auto (row's extra_info.template, else one named like its data_source, else default) | row (the row's own messages, unchanged) | a template name

@@ -53,14 +53,19 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("default", _SYSTEM, _GENERAL),
     Template("math", _SYSTEM, (
         Example("Ann has 5 pens. Then she gets 3 more. Then she gives away 2. How many pens does Ann have now?",
-                "5 + 3 = 8. 8 - 2 = 6.", "6"),
+                "gets 3 more: 5 + 3 = 8. gives away 2: 8 - 2 = 6.", "6"),
         Example("Tom has 4 cards. Then he has 3 times as many. How many cards does Tom have now?",
-                "4 * 3 = 12.", "12"),
-        Example("Mia has 12 shells. Then she gives away 5. Then she gets 6 more. Then she gets 2 times as many. "
-                "How many shells does Mia have now?", "12 - 5 = 7. 7 + 6 = 13. 13 * 2 = 26.", "26"),
+                "has 3 times as many: 4 * 3 = 12.", "12"),
+        Example("Mia has 12 shells. Then she gives away 5. Then she gets 6 more. Then she has 2 times as many. "
+                "How many shells does Mia have now?", "gives away 5: 12 - 5 = 7. gets 6 more: 7 + 6 = 13. has 2 times as many: 13 * 2 = 26.", "26"),
+    )),
+    Template("arith", _SYSTEM, (
+        Example("What is 7 + 5?", "7 + 5 = 12.", "12"),
+        Example("Compute 23 - 8.", "23 - 8 = 15.", "15"),
+        Example("Calculate 14 * 3.", "14 * 3 = 42.", "42"),
     )),
     Template("extract", _SYSTEM, (
-        Example("What is word 2 of this list: blue lamp sits low", "The words are 1 blue, 2 lamp. Word 2 is lamp.", "lamp"),
+        Example("Which word comes after lamp in this list: blue lamp sits low", "After lamp comes sits.", "sits"),
         Example("Copy this code exactly: K7P-42", "The code is K7P-42.", "K7P-42"),
         Example("Record: name=Ana; age=31; city=Lima. What is the city?", "The field city is Lima.", "Lima"),
     )),

@@ -33,9 +33,10 @@ def _entries(*pairs: tuple[str, float]) -> List[VerifierEntry]:
 
 
 def default_sources() -> Dict[str, List[VerifierEntry]]:
-    """Verifiers for the built-in data sources (the synthetic families: math, ocr, vqa, extract; choice)."""
+    """Verifiers for the built-in data sources (the synthetic families: math, arith, ocr, vqa, extract; choice)."""
     return {
         "math": _entries(("math", 1.0), ("format", 0.1)),
+        "arith": _entries(("math", 1.0), ("format", 0.1)),
         "ocr": _entries(("ocr", 1.0), ("format", 0.1)),
         "vqa": _entries(("vqa", 1.0), ("format", 0.1)),
         "extract": _entries(("ocr", 1.0), ("format", 0.1)),  # copy a word/code/field exactly: OCR-style match

@@ -73,3 +73,22 @@ def test_mismatched_resume_and_bad_sizes():
         PromptLoader(ROWS, 11)
     with pytest.raises(ConfigError, match="at least 1"):
         PromptLoader(ROWS, 0)
+
+
+def test_stratified_batches_hold_each_value_in_equal_shares_and_resume_exactly():
+    rows = [{"id": f"r{i}", "extra_info": {"steps": 1 + i % 4}} for i in range(40)]
+    loader = PromptLoader(rows, 8, seed=3, stratify_by="extra_info.steps")
+    batches = [loader.next_batch() for _ in range(10)]  # two epochs of 5 batches
+    for batch in batches:
+        assert sorted(r["extra_info"]["steps"] for r in batch) == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert {r["id"] for b in batches[:5] for r in b} == {r["id"] for r in rows}  # still every row once per epoch
+    assert [ids(b) for b in batches[:5]] != [ids(b) for b in batches[5:]]  # reshuffled every epoch
+    state = PromptLoader(rows, 8, seed=3, stratify_by="extra_info.steps")
+    state.next_batch()
+    resumed = PromptLoader(rows, 8, seed=3, stratify_by="extra_info.steps")
+    resumed.load_state_dict(state.state_dict())
+    assert ids(resumed.next_batch()) == ids(batches[1])
+    with pytest.raises(ConfigError, match="stratify_by"):
+        PromptLoader(rows, 8, seed=3).load_state_dict(state.state_dict())
+    mixed = [{"id": "a", "data_source": "math"}, {"id": "b"}, {"id": "c", "data_source": "math"}, {"id": "d"}]
+    assert all(len({r.get("data_source") for r in b}) == 2 for b in PromptLoader(mixed, 2, stratify_by="data_source"))

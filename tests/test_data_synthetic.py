@@ -16,17 +16,21 @@ from home_rl.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 EQUATION = re.compile(r"(\d+) ([+\-*]) (\d+) = (\d+)\.")
+STEP = re.compile(r"(gets (\d+) more|gives away (\d+)|has (\d+) times as many): (\d+) ([+\-*]) (\d+) = (\d+)\.")
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def check_math_trace(think: str, answer: str, steps: int) -> None:
-    equations = EQUATION.findall(think)
-    assert len(equations) == steps and " ".join(f"{a} {op} {b} = {c}." for a, op, b, c in equations) == think
+def check_math_trace(think: str, answer: str, steps: int, question: str = "") -> None:
+    """One line per step: the step's words as the question writes them, then a correct equation of the chain."""
+    lines = STEP.findall(think)
+    assert len(lines) == steps and " ".join(f"{words}: {a} {op} {b} = {c}." for words, *_, a, op, b, c in lines) == think
     previous = None
-    for a, op, b, c in equations:
+    for words, plus, minus, times, a, op, b, c in lines:
+        assert (plus, minus, times)[("+", "-", "*").index(op)] == b  # the words name this equation's operand
+        assert not question or f" {words}." in question
         a, b, c = int(a), int(b), int(c)
         assert c == {"+": a + b, "-": a - b, "*": a * b}[op]
         assert previous is None or a == previous  # a chain: each step starts from the last result
@@ -59,7 +63,7 @@ def test_cli_rejects_unknown_levels(tmp_path):
     assert proc.returncode == 2 and "levels [7] do not exist for ocr" in proc.stderr
 
 
-@pytest.mark.parametrize("task", ["math", "ocr", "vqa", "extract"])
+@pytest.mark.parametrize("task", ["math", "arith", "ocr", "vqa", "extract"])
 def test_each_family_is_deterministic_and_loads_clean(task, tmp_path):
     generate(task, 30, 7, tmp_path / "a", image_fraction=0.3)
     generate(task, 30, 7, tmp_path / "b", image_fraction=0.3)
@@ -79,7 +83,8 @@ def test_math_problems_are_correct_chains(tmp_path):
     steps = collections.Counter(r["extra_info"]["steps"] for r in rows)
     assert set(steps) == {1, 2, 3, 4, 5, 6}
     for row in rows:
-        check_math_trace(row["solution"]["think"], row["answer"], row["extra_info"]["steps"])
+        check_math_trace(row["solution"]["think"], row["answer"], row["extra_info"]["steps"],
+                         row["prompt"] if row["extra_info"]["modality"] == "text" else "")
         if row["extra_info"]["modality"] == "text":
             assert row["images"] == [] and row["prompt"].count("Then") == row["extra_info"]["steps"]
             assert row["prompt"].split(" has ")[1].split()[0] == EQUATION.findall(row["solution"]["think"])[0][0]
@@ -96,14 +101,26 @@ def test_math_problems_are_correct_chains(tmp_path):
 
 def test_template_examples_follow_the_generators():
     for example in TEMPLATES["math"].examples:
-        check_math_trace(example.think, example.answer, example.think.count("="))
+        check_math_trace(example.think, example.answer, example.think.count("="), example.question)
         assert example.question.endswith("have now?")
     rows, _ = make_rows("extract", 60, 0)
     kinds = {r["extra_info"]["kind"]: r for r in rows}
     assert set(kinds) == {"word", "code", "field"}
     word_example = TEMPLATES["extract"].examples[0]
-    assert word_example.question.startswith("What is word ") and kinds["word"]["prompt"].startswith("What is word ")
-    assert word_example.think.startswith("The words are 1 ") and kinds["word"]["solution"]["think"].startswith("The words are 1 ")
+    assert word_example.question.startswith("Which word comes after ") and kinds["word"]["prompt"].startswith("Which word comes after ")
+    assert word_example.think.startswith("After ") and kinds["word"]["solution"]["think"].startswith("After ")
+
+
+def test_arith_questions_are_one_correct_step():
+    rows, files = make_rows("arith", 90, 4)
+    assert files == {} and {r["extra_info"]["op"] for r in rows} == {"+", "-", "*"}
+    for row in rows:
+        a, op, b, c = EQUATION.fullmatch(row["solution"]["think"]).groups()
+        assert f"{a} {op} {b}" in row["prompt"] and c == row["answer"]
+        assert int(c) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op] and int(c) >= 1
+    for example in TEMPLATES["arith"].examples:
+        a, op, b, c = EQUATION.fullmatch(example.think).groups()
+        assert f"{a} {op} {b}" in example.question and c == example.answer
 
 
 def test_extract_answers_stand_in_the_prompt():
@@ -113,8 +130,9 @@ def test_extract_answers_stand_in_the_prompt():
         assert row["images"] == [] and row["answer"] in row["prompt"]
         assert row["solution"]["think"].endswith(f"{row['answer']}.")
         if row["extra_info"]["kind"] == "word":
-            k = int(row["prompt"].split("word ")[1].split()[0])
-            assert row["prompt"].split(": ")[1].split()[k - 1] == row["answer"]
+            key = row["prompt"].split("comes after ")[1].split()[0]
+            words = row["prompt"].split(": ")[1].split()
+            assert words[words.index(key) + 1] == row["answer"]
 
 
 def test_ocr_images_show_the_answer_text(tmp_path):

@@ -230,7 +230,7 @@ def test_unmapped_source_is_a_startup_error_listing_known_ones():
         validate_sources(cfg, ["math", "geometry", "charts"])
     message = str(err.value)
     assert "'charts', 'geometry'" in message
-    assert "knows: choice, extract, math, ocr, vqa" in message
+    assert "knows: arith, choice, extract, math, ocr, vqa" in message
 
 
 def test_math_does_not_parse_huge_answers():

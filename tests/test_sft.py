@@ -130,16 +130,34 @@ def test_stage_sft_of_a_home_model_trains_tokens_and_router(ray_local, tiny_mode
     HomeModel.from_pretrained(final)
 
 
+def test_cold_start_rows_follow_the_plan_and_the_recipe_reads_back_equal():
+    """A recipe that compared unequal to its own stamp file would rebuild the cold start on every run."""
+    from home_rl.learner.cold_start import TRAIN_PLAN, cold_start_recipe, heldout_rows, train_rows
+    from home_rl.learner.sft import experts_for
+
+    recipe = cold_start_recipe("smollm2")
+    assert json.loads(json.dumps(recipe)) == recipe
+    rows = train_rows()
+    counts = {}
+    for row in rows:
+        key = (experts_for(row, SFTOptions(route="row"))[0], row["data_source"])
+        counts[key] = counts.get(key, 0) + 1
+    assert counts == {(expert, family): n for expert, family, _, n in TRAIN_PLAN}
+    assert {r["extra_info"]["steps"] for r in rows if r["extra_info"]["expert"] == "think" and r["data_source"] == "math"} == set(range(1, 7))
+    assert len({r["id"] for r in rows}) == len(rows)
+    held_out = heldout_rows(50)
+    assert len(held_out) == 50 and not {r["prompt"] for r in held_out} & {r["prompt"] for r in rows}
+
+
 @pytest.mark.slow
 def test_cold_start_teaches_both_output_templates():
     """The embedded default's cold start (built once, then cached): >= 90% well-formed answers per template."""
     from home_rl.learner.cold_start import cold_start_dir, ensure_cold_start, evaluate_templates, heldout_rows
     from home_rl.model import is_home_checkpoint
-    from home_rl.model.embedded import cache_dir
 
     home = ensure_cold_start("smollm2")
     assert home == cold_start_dir("smollm2") and is_home_checkpoint(home)
-    rows = heldout_rows(200, cache_dir() / "cold_start" / "smollm2" / "data" / "data.jsonl")
+    rows = heldout_rows(200)
     assert len(rows) == 200
     report = evaluate_templates(home, rows, temperature=1.0)
     print(json.dumps(report))

@@ -1,6 +1,7 @@
 """Offline synthetic data in four families, deterministic for a seed, each row with a worked solution.
 
     math     multi-step arithmetic word problems (1-6 steps), text or rendered into images: thinking helps as steps grow
+    arith    single-step arithmetic questions ("What is 17 + 5?"): a direct answer is enough
     ocr      words, numbers and codes rendered into images, answer = the text: thinking does not help
     vqa      easy-vqa's shape/colour images and questions
     extract  text-only questions answered by copying from the prompt (the text twin of OCR): thinking does not help
@@ -21,9 +22,9 @@ from typing import Optional, Sequence
 
 from home_rl.errors import ConfigError
 
-from data_pipelines.synthetic import arithmetic, extract, ocr, vqa
+from data_pipelines.synthetic import arith, arithmetic, extract, ocr, vqa
 
-FAMILIES = {"math": arithmetic, "ocr": ocr, "vqa": vqa, "extract": extract}
+FAMILIES = {"math": arithmetic, "arith": arith, "ocr": ocr, "vqa": vqa, "extract": extract}
 TASKS = (*FAMILIES, "mix")
 DEFAULT_RATIO = {"math": 0.25, "ocr": 0.25, "vqa": 0.25, "extract": 0.25}
 

@@ -1,4 +1,4 @@
-"""python -m data_pipelines.synthetic --task {math,ocr,vqa,extract,mix} --n N --seed S --out DIR"""
+"""python -m data_pipelines.synthetic --task {math,arith,ocr,vqa,extract,mix} --n N --seed S --out DIR"""
 from __future__ import annotations
 
 import argparse
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
     parser.add_argument("--out", required=True, help="output folder (data.jsonl and images/)")
     parser.add_argument("--levels", type=_levels, default=None,
-                        help="difficulty levels to draw from, e.g. 1-3 (math: steps 1-6; ocr, extract: 1-3; vqa: 1-2)")
+                        help="difficulty levels to draw from, e.g. 1-3 (math: steps 1-6; ocr, extract: 1-3; vqa: 1-2; arith: 1)")
     parser.add_argument("--ratio", type=_ratio, default=None,
                         help="mix weights, e.g. math=0.5,extract=0.5 (default: " +
                              ",".join(f"{k}={v}" for k, v in DEFAULT_RATIO.items()) + ")")

@@ -1,9 +1,12 @@
 """`math`: multi-step arithmetic word problems (1 to 6 steps), as text or rendered into an image.
 
 One person, one kind of item, a chain of steps (get more, give away, have k times as many). The
-worked trace writes one equation per step ("5 + 3 = 8. 8 * 2 = 16."), so a one-step problem is a
-direct answer while a six-step one needs the running total: thinking helps as steps grow. Every
-intermediate value stays within 0..999, small enough for a 135M model.
+worked trace writes one line per step: the step's words copied from the problem, then its equation
+("gets 3 more: 5 + 3 = 8. has 2 times as many: 8 * 2 = 16."). A one-step problem is a direct answer
+while a six-step one needs the running total: thinking helps as steps grow. The copied words are
+there for small models: they tie each equation to its sentence (which number, which operation,
+when to stop), where a bare chain of equations let a 135M model skip or misread steps (measured:
+7% on three-step problems). Every intermediate value stays within 0..999.
 """
 from __future__ import annotations
 
@@ -29,19 +32,20 @@ def make(rng: random.Random, level: int, image_fraction: float = 0.0) -> Problem
         op = rng.choice(ops)
         if op == "add":
             b = rng.randint(1, min(20, MAX_VALUE - value))
-            sentences.append(f"Then {pronoun} gets {b} more.")
-            equations.append(f"{value} + {b} = {value + b}.")
+            step = f"gets {b} more"
+            equations.append(f"{step}: {value} + {b} = {value + b}.")
             value += b
         elif op == "sub":
             b = rng.randint(1, min(20, value - 1))
-            sentences.append(f"Then {pronoun} gives away {b}.")
-            equations.append(f"{value} - {b} = {value - b}.")
+            step = f"gives away {b}"
+            equations.append(f"{step}: {value} - {b} = {value - b}.")
             value -= b
         else:
             b = rng.randint(2, 4)
-            sentences.append(f"Then {pronoun} has {b} times as many.")
-            equations.append(f"{value} * {b} = {value * b}.")
+            step = f"has {b} times as many"
+            equations.append(f"{step}: {value} * {b} = {value * b}.")
             value *= b
+        sentences.append(f"Then {pronoun} {step}.")
     sentences.append(f"How many {item} does {name} have now?")
     text = " ".join(sentences)
     as_image = rng.random() < image_fraction  # always drawn, so the text rows do not depend on the fraction

@@ -1,7 +1,10 @@
 """`extract`: text-only questions whose answer stands in the prompt (the text twin of OCR).
 
-Three kinds: the k-th word of a list, a code to copy, a field of a small record. A direct answer is
-enough, so the router should learn `fast` here. Difficulty grows with the list / code / record size.
+Three kinds: the word that follows a given word in a list, a code to copy, a field of a small
+record. Each is found by looking up a key and copying what stands beside it, so a direct answer is
+enough and the router should learn `fast` here. (An earlier kind asked for the k-th word: counting
+positions is reasoning for a 135M model, and its worked enumeration beat the direct answer by ten
+points.) Difficulty grows with the list / code / record size.
 """
 from __future__ import annotations
 
@@ -19,18 +22,14 @@ JOBS = ("cook", "nurse", "pilot", "baker", "farmer", "judge", "tailor")
 COLORS = ("red", "blue", "green", "black", "white", "orange")
 
 
-def _ordinal_list(words: list[str], k: int) -> str:
-    listed = ", ".join(f"{i} {w}" for i, w in enumerate(words[:k], 1))
-    return f"The words are {listed}. Word {k} is {words[k - 1]}."
-
-
 def make(rng: random.Random, level: int) -> Problem:
     kind = rng.choice(KINDS)
     extra = {"steps": 1, "difficulty": level, "kind": kind}
     if kind == "word":
         words = rng.sample(WORDS, 2 + 2 * level)
-        k = rng.randint(1, len(words))
-        return Problem(f"What is word {k} of this list: {' '.join(words)}", words[k - 1], _ordinal_list(words, k), extra)
+        k = rng.randint(1, len(words) - 1)
+        return Problem(f"Which word comes after {words[k - 1]} in this list: {' '.join(words)}", words[k],
+                       f"After {words[k - 1]} comes {words[k]}.", extra)
     if kind == "code":
         code = random_code(rng, 2 + 2 * level)
         return Problem(f"Copy this code exactly: {code}", code, f"The code is {code}.", extra)

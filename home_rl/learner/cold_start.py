@@ -1,9 +1,13 @@
 """The embedded default's cold start: SmolLM2-135M-Instruct learns both output templates, then is upcycled.
 
 SmolLM2-135M-Instruct writes no well-formed answer from a system prompt alone, so GRPO would get
-no signal. A short SFT on the synthetic mix teaches both templates on every row (`sft.route=both`):
-multi-step arithmetic with its worked steps (think) or a direct answer (fast), and copy/extract
-questions likewise. The SFT'd dense model is upcycled into a HOME checkpoint, cached under
+no signal. A short SFT on synthetic rows teaches both templates, each on the rows it suits (every
+row names its template in `extra_info.expert`, `sft.route=row`): the think template on multi-step
+word problems (1-6 steps, with worked steps), single-step arithmetic and copy/extract questions,
+the fast template on what a direct answer suits: single-step arithmetic ("What is 7 + 5?") and
+extract questions. Direct answers to six-step problems would only teach the fast template to guess
+(a first recipe that trained both templates on every row left the fast view at 1% on one-step
+word problems). The SFT'd dense model is upcycled into a HOME checkpoint, cached under
 `cache_dir()/models/<name>-home`; later runs reuse it. This is where the default GRPO run starts.
 
     python -m home_rl.learner.cold_start            # build (once) and evaluate; prints one JSON object
@@ -12,6 +16,7 @@ questions likewise. The SFT'd dense model is upcycled into a HOME checkpoint, ca
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -19,15 +24,18 @@ import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 from home_rl.model.embedded import cache_dir
 
 log = logging.getLogger(__name__)
 
-RATIO = {"math": 0.5, "extract": 0.5}  # text families: the embedded model reads no images
-TRAIN_ROWS = 192  # x2 sequences (both templates): 384 sequences
-ROWS_PER_STEP = 8  # 16 sequences: one micro-batch per step, 24 steps (more updates beat bigger batches here)
+RATIO = {"math": 0.5, "arith": 0.25, "extract": 0.25}  # the held-out mix: text families (the embedded model reads no images)
+# Training sequences per (template, family, math levels); 528 in all, 16 per step: 33 steps (more
+# updates beat bigger batches here), in micro-batches of 4 sorted by length (little padding). The
+# fast template gets the most arithmetic: a direct sum must be recalled, the worked one is written out.
+TRAIN_PLAN = (("think", "math", (1, 2, 3, 4, 5, 6), 192), ("think", "arith", None, 48), ("think", "extract", None, 48),
+              ("fast", "arith", None, 160), ("fast", "extract", None, 80))
+ROWS_PER_STEP = 16
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 
 
@@ -36,7 +44,7 @@ def cold_start_dir(name: str = "smollm2") -> Path:
 
 
 def cold_start_config(name: str, data_path: Path, output_dir: Path):
-    """The SFT config of the cold start (bf16, micro-batches of 16, one learner using both cores)."""
+    """The SFT config of the cold start (bf16, 16 sequences per step, one learner using both cores)."""
     from data_pipelines import DataConfig
     from home_rl.config import ModelConfig
     from home_rl.learner.config import LearnerConfig
@@ -47,9 +55,9 @@ def cold_start_config(name: str, data_path: Path, output_dir: Path):
         data=DataConfig(path=str(data_path), prompts_per_step=ROWS_PER_STEP, seed=TRAIN_SEED),
         learner=LearnerConfig(num_learners=1, cpus_per_learner=1, threads_per_learner=os.cpu_count() or 1,
                               lr=1e-4, warmup_steps=3, lr_schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
-                              micro_batch_size=16),
-        trainer=TrainerConfig(total_steps=TRAIN_ROWS // ROWS_PER_STEP, save_every=8, log_every=1),
-        sft=SFTOptions(route="both"),
+                              micro_batch_size=4),
+        trainer=TrainerConfig(total_steps=sum(n for *_, n in TRAIN_PLAN) // ROWS_PER_STEP, save_every=8, log_every=1),
+        sft=SFTOptions(route="row"),
         output_dir=str(output_dir))
 
 
@@ -58,9 +66,29 @@ def cold_start_recipe(name: str) -> dict:
     from home_rl.config import to_dict
 
     sft = to_dict(cold_start_config(name, Path("DATA"), Path("OUT")))
-    for key in ("threads_per_learner", "cpus_per_learner"):  # how fast, not what: they follow the machine
+    for key in ("threads_per_learner", "cpus_per_learner", "micro_batch_size"):  # how fast, not what
         sft["learner"].pop(key)
-    return {"rows": TRAIN_ROWS, "ratio": RATIO, "seed": TRAIN_SEED, "sft": sft}
+    rows = hashlib.sha256(json.dumps(train_rows()).encode()).hexdigest()  # a change of the generators rebuilds too
+    recipe = {"plan": TRAIN_PLAN, "seed": TRAIN_SEED, "rows_sha256": rows, "sft": sft}
+    return json.loads(json.dumps(recipe))  # as the stamp file reads back (tuples become lists)
+
+
+def train_rows() -> list[dict]:
+    """The SFT rows of TRAIN_PLAN, shuffled; each names its template in extra_info.expert.
+
+    Rows of a family that serves both templates are the same problems (the think rows are the first
+    of the fast ones): a row's template is its label, not its content.
+    """
+    import random
+
+    from data_pipelines.synthetic import make_rows
+
+    rows = []
+    for expert, family, levels, n in TRAIN_PLAN:
+        drawn, _ = make_rows(family, n, seed=TRAIN_SEED, levels=levels)
+        rows += [{**r, "id": f"{r['id']}-{expert}", "extra_info": {**r["extra_info"], "expert": expert}} for r in drawn]
+    random.Random(TRAIN_SEED).shuffle(rows)
+    return rows
 
 
 def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
@@ -68,7 +96,6 @@ def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
 
     A build killed midway resumes from its last SFT checkpoint on the next call.
     """
-    from data_pipelines.synthetic import generate
     from home_rl.learner.sft import run_sft
     from home_rl.model import DTYPES, upcycle
 
@@ -85,7 +112,9 @@ def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(recipe))
     start = time.perf_counter()
-    data = generate("mix", TRAIN_ROWS, seed=TRAIN_SEED, out=work / "data", ratio=RATIO)
+    data = work / "data" / "data.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(row) + "\n" for row in train_rows()))
     dense = run_sft(cold_start_config(name, data, work / "sft"))
     sft_s = time.perf_counter() - start
     home = upcycle(dense, DTYPES["bfloat16"])
@@ -99,12 +128,11 @@ def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def heldout_rows(n: int, train_path: Optional[Path] = None) -> list[dict]:
-    """`n` synthetic rows of the cold-start mix whose prompts are not among the training rows."""
-    from data_pipelines import read_rows
+def heldout_rows(n: int) -> list[dict]:
+    """`n` synthetic rows of the held-out mix whose prompts are not among the training rows."""
     from data_pipelines.synthetic import make_rows
 
-    seen = {r["prompt"] for r in read_rows(train_path)} if train_path else set()
+    seen = {r["prompt"] for r in train_rows()}
     rows, _ = make_rows("mix", 4 * n, seed=HELDOUT_SEED, ratio=RATIO)
     return [r for r in rows if r["prompt"] not in seen][:n]
 
@@ -135,18 +163,20 @@ def evaluate_templates(home_dir: Path, rows: list[dict], temperature: float = 1.
             per_family: dict = defaultdict(lambda: {"n": 0, "well_formed": 0, "correct": 0})
             tokens = 0
             for row, (sample,) in zip(rows, result.samples):
-                family = per_family[row["data_source"]]
-                family["n"] += 1
-                family["well_formed"] += fmt(sample.text, None, data_source=row["data_source"],
-                                             extra_info={"expert": expert})["score"]
-                check = get_verifier(default_sources()[row["data_source"]][0].name)
-                family["correct"] += check(sample.text, row["answer"], data_source=row["data_source"],
-                                           extra_info=row["extra_info"])["score"]
+                source = row["data_source"]
+                well_formed = fmt(sample.text, None, data_source=source, extra_info={"expert": expert})["score"]
+                check = get_verifier(default_sources()[source][0].name)
+                correct = check(sample.text, row["answer"], data_source=source, extra_info=row["extra_info"])["score"]
+                for key in (source, f"{source}@{row['extra_info'].get('steps', 1)}" if source == "math" else None):
+                    if key:  # per family, and math per number of steps
+                        per_family[key]["n"] += 1
+                        per_family[key]["well_formed"] += well_formed
+                        per_family[key]["correct"] += correct
                 tokens += len(sample.response_ids)
             n = len(rows)
             report[expert] = {
-                "well_formed": sum(f["well_formed"] for f in per_family.values()) / n,
-                "accuracy": sum(f["correct"] for f in per_family.values()) / n,
+                "well_formed": sum(f["well_formed"] for k, f in per_family.items() if "@" not in k) / n,
+                "accuracy": sum(f["correct"] for k, f in per_family.items() if "@" not in k) / n,
                 "mean_response_tokens": tokens / n,
                 "generate_s": round(result.stats["seconds"], 1),
                 "per_family": {k: {"n": v["n"], "well_formed": v["well_formed"] / v["n"],
@@ -182,7 +212,7 @@ def main() -> None:
                       "mean_step_s": sum(m["step_s"] for m in lines) / len(lines),
                       "mean_tokens_per_s": sum(m["tokens_per_s"] for m in lines) / len(lines)}
     if not args.no_eval:
-        rows = heldout_rows(args.heldout, work / "data" / "data.jsonl")
+        rows = heldout_rows(args.heldout)
         out["eval"] = {"prompts": len(rows), "temperature": 1.0, **evaluate_templates(home, rows)}
     print(json.dumps(out))
 

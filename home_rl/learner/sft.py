@@ -187,7 +187,7 @@ def run_sft(cfg: SFTConfig) -> Path:
     sequences = build_sequences(data.rows, processor, cfg.data, cfg.sft, is_home)
     rows = [r for r in data.rows if r["id"] in sequences]
     loader = PromptLoader(rows, cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
-                          drop_last=cfg.data.drop_last)
+                          drop_last=cfg.data.drop_last, stratify_by=cfg.data.stratify_by)
     save_config(cfg, out)
 
     resume_from = resolve_resume(out, cfg.trainer.resume)

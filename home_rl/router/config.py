@@ -14,8 +14,11 @@ DEFAULT_ROUTER_OUTPUT = "outputs/router"
 
 
 def _rollout_defaults() -> RolloutConfig:
-    # 4 samples per expert give accuracies in steps of 0.25: enough to tell a real gain from a tie, and cheap.
-    return RolloutConfig(n=4, max_response_tokens=128)
+    # Greedy decoding, one sample per expert: the router picks who answers at deployment, where answers
+    # are decoded greedily (verl validates the same way), and one greedy sample per expert costs a
+    # quarter of four sampled ones, so the same time labels four times the prompts.
+    # 160 tokens: the worked trace of a six-step problem is about 120.
+    return RolloutConfig(n=1, temperature=0.0, max_response_tokens=160)
 
 
 def _reward_defaults() -> RewardConfig:
@@ -34,13 +37,13 @@ class LabelConfig:
 
 @dataclasses.dataclass
 class SyntheticMixConfig:
-    rows: int = 256  # rows made when data.path is empty
-    ratio: str = "math=0.75,extract=0.25"  # families and weights of the mix (math: 1-6 steps; extract: copy from the prompt)
+    rows: int = 512  # rows made when data.path is empty
+    ratio: str = "math=0.5,arith=0.25,extract=0.25"  # families and weights of the mix (math: 1-6 step word problems; arith: one-step sums; extract: copy from the prompt)
     image_fraction: float = 0.0  # share of math rows rendered into an image
     seed: int = 0  # seed of the synthetic rows
 
     def parsed_ratio(self) -> dict[str, float]:
-        """'math=0.75,extract=0.25' -> {'math': 0.75, 'extract': 0.25}"""
+        """'math=0.5,extract=0.5' -> {'math': 0.5, 'extract': 0.5}"""
         out = {}
         for part in self.ratio.split(","):
             name, sep, weight = part.partition("=")
@@ -91,7 +94,7 @@ class RouterStageConfig:
     checkpoint: str = DEFAULT_CHECKPOINT  # HOME checkpoint whose router is trained (default: the GRPO run's final)
     output_dir: str = DEFAULT_ROUTER_OUTPUT  # labels.jsonl, metrics.jsonl, router_metrics.json, final/ (the HOME checkpoint with the trained router)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # prompts to label (data.path empty: the synthetic mix below)
-    synthetic: SyntheticMixConfig = dataclasses.field(default_factory=SyntheticMixConfig)  # the default data: a mix of multi-step math and extract rows
+    synthetic: SyntheticMixConfig = dataclasses.field(default_factory=SyntheticMixConfig)  # the default data: a mix of multi-step math, single-step arithmetic and extract rows
     rollout: RolloutConfig = dataclasses.field(default_factory=_rollout_defaults)  # vLLM workers serving each view in turn (rollout.n samples per prompt and expert)
     reward: RewardConfig = dataclasses.field(default_factory=_reward_defaults)  # verifiers per data_source
     labels: LabelConfig = dataclasses.field(default_factory=LabelConfig)  # when think wins: accuracy gain against extra length
@@ -107,13 +110,13 @@ class RouterStageConfig:
 class TypeRouterConfig:
     enabled: bool = True  # also score a router trained on data-type labels (the paper's Stage-SFT labels)
     data_path: str = ""  # prompts it is trained on (empty: synthetic_rows rows of the evaluation mix's families with seed synthetic_seed: by default the rows the default router stage labels)
-    synthetic_rows: int = 256  # rows of that default mix
+    synthetic_rows: int = 512  # rows of that default mix
     synthetic_seed: int = 0  # its seed (0: the same rows the default router stage labels)
     think_sources: List[str] = dataclasses.field(default_factory=lambda: ["math"])  # data_source values whose type is think
 
 
 def _eval_synthetic() -> SyntheticMixConfig:
-    return SyntheticMixConfig(rows=160, seed=1)  # seed 1: other rows than the router was trained on (seed 0)
+    return SyntheticMixConfig(rows=320, seed=1)  # seed 1: other rows than the router was trained on (seed 0)
 
 
 @dataclasses.dataclass

@@ -43,12 +43,19 @@ EVAL_SEED = 999_983  # the held-out evaluation samples with the same seed every 
 
 # The embedded default is sized for 2 CPU cores and 24 GB (measured): a learner's micro-batch of 8
 # sequences of 192 tokens peaks at 5.9 GB (16: 9.2 GB, and no faster), and a step of 8 prompts x 8
-# samples (plus one regeneration round) takes about 65 s, so 20 steps with both evaluations take
-# about 25 minutes. lr 3e-5 raised held-out accuracy 20.0% -> 23.5%; 6e-5 lowered it to 17.0%.
+# samples (plus one regeneration round) takes about 78 s, so 20 steps with both evaluations take
+# about 28 minutes. On levels 1-4, lr 3e-5 raised held-out accuracy 37.5% -> 48.5% (levels 1-6:
+# 30.0% -> 41.0%); with an earlier cold start, 6e-5 lowered it where 3e-5 raised it.
 
 
 def _data_defaults() -> DataConfig:
-    return DataConfig(prompts_per_step=8)
+    # Every step gets the same mix of step counts: with 8 prompts of random levels, the share of hard
+    # ones moved a step's mean reward by +-0.1 (measured), as much as 20 steps of learning.
+    return DataConfig(prompts_per_step=8, stratify_by="extra_info.steps")
+
+
+def _rollout_defaults() -> RolloutConfig:
+    return RolloutConfig(max_response_tokens=160)  # the worked trace of a six-step problem is about 120 tokens
 
 
 def _learner_defaults() -> LearnerConfig:
@@ -81,7 +88,7 @@ class EvalConfig:
 class GRPOThinkConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the HOME checkpoint to train (smollm2: the embedded default, built by its cold start when absent)
     data: DataConfig = dataclasses.field(default_factory=_data_defaults)  # prompts (data.path empty: synthetic multi-step math made for this run)
-    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)  # vLLM workers serving the think view
+    rollout: RolloutConfig = dataclasses.field(default_factory=_rollout_defaults)  # vLLM workers serving the think view
     reward: RewardConfig = dataclasses.field(default_factory=_reward_defaults)  # verifiers per data_source and their worker pool
     learner: LearnerConfig = dataclasses.field(default_factory=_learner_defaults)  # DeepSpeed ZeRO-3 learners
     algorithm: GRPOConfig = dataclasses.field(default_factory=_algorithm_defaults)  # advantages, policy loss, KL, PPO epochs
@@ -90,7 +97,7 @@ class GRPOThinkConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # held-out accuracy of the think view: eval.jsonl, eval/* metrics
     train_shared: bool = False  # also train shared weights (attention, embeddings, ...): the fast expert then drifts
     synthetic_rows: int = 2000  # rows of synthetic math made when data.path is empty
-    synthetic_levels: str = "1-6"  # math steps of the synthetic rows (e.g. 2-4)
+    synthetic_levels: str = "1-4"  # math steps of the synthetic rows (1-6 exist; 5-6 are rarely solved by the embedded default)
     seed: int = 0  # seeds data order, sampling and every actor
     output_dir: str = "outputs/grpo_think"  # config.yaml, metrics.jsonl, checkpoints/, final/, plots/
 
@@ -214,7 +221,8 @@ class GRPOThinkTrainer:
         self.rows = data.rows
         if not self.rows:
             raise HomeRLError(f"no usable rows in {cfg.data.path}")
-        self.loader = PromptLoader(self.rows, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.loader = PromptLoader(self.rows, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                                   stratify_by=cfg.data.stratify_by)
         self.eval_rows: list[dict] = []
         if cfg.eval.path and cfg.eval.rows:
             eval_data = dataclasses.replace(cfg.data, path=cfg.eval.path, max_rows=cfg.eval.rows)
