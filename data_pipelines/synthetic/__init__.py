@@ -67,6 +67,15 @@ def make_rows(task: str, n: int, seed: int, levels: Optional[Sequence[int]] = No
     return rows, files
 
 
+def parse_levels(text: str) -> list[int]:
+    """'1-3' or '1,2,5' -> [1, 2, 3] / [1, 2, 5]"""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
 def split_counts(n: int, ratio: dict) -> dict[str, int]:
     """Row counts per family that sum to `n`, proportional to `ratio` (largest remainder)."""
     unknown = set(ratio) - set(FAMILIES)

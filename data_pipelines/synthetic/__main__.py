@@ -6,16 +6,7 @@ import sys
 
 from home_rl.errors import HomeRLError
 
-from data_pipelines.synthetic import DEFAULT_RATIO, TASKS, generate
-
-
-def _levels(text: str) -> list[int]:
-    """'1-3' or '1,2,5' -> [1, 2, 3] / [1, 2, 5]"""
-    out = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
-    return out
+from data_pipelines.synthetic import DEFAULT_RATIO, TASKS, generate, parse_levels
 
 
 def _ratio(text: str) -> dict:
@@ -32,7 +23,7 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, required=True, help="number of rows")
     parser.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files")
     parser.add_argument("--out", required=True, help="output folder (data.jsonl and images/)")
-    parser.add_argument("--levels", type=_levels, default=None,
+    parser.add_argument("--levels", type=parse_levels, default=None,
                         help="difficulty levels to draw from, e.g. 1-3 (math: steps 1-6; ocr, extract: 1-3; vqa: 1-2; arith: 1)")
     parser.add_argument("--ratio", type=_ratio, default=None,
                         help="mix weights, e.g. math=0.5,extract=0.5 (default: " +

@@ -140,12 +140,11 @@ def resolve_home_checkpoint(cfg: GRPOThinkConfig) -> Path:
 
 
 def make_synthetic_data(cfg: GRPOThinkConfig, out: Path) -> str:
-    from data_pipelines.synthetic import generate
+    from data_pipelines.synthetic import generate, parse_levels
 
     folder = out / "data"
     if not (folder / "data.jsonl").is_file():
-        lo, _, hi = cfg.synthetic_levels.partition("-")
-        generate("math", cfg.synthetic_rows, cfg.seed, folder, levels=list(range(int(lo), int(hi or lo) + 1)))
+        generate("math", cfg.synthetic_rows, cfg.seed, folder, levels=parse_levels(cfg.synthetic_levels))
     return str(folder / "data.jsonl")
 
 
@@ -154,13 +153,12 @@ def make_heldout_data(cfg: GRPOThinkConfig, out: Path) -> str:
     import json
 
     from data_pipelines import read_rows
-    from data_pipelines.synthetic import make_rows
+    from data_pipelines.synthetic import make_rows, parse_levels
 
     path = out / "eval_data" / "data.jsonl"
     if not path.is_file():
-        lo, _, hi = cfg.synthetic_levels.partition("-")
         train = {r["prompt"] for r in read_rows(cfg.data.path)}
-        rows, _ = make_rows("math", 4 * cfg.eval.rows, cfg.seed + 1, levels=list(range(int(lo), int(hi or lo) + 1)))
+        rows, _ = make_rows("math", 4 * cfg.eval.rows, cfg.seed + 1, levels=parse_levels(cfg.synthetic_levels))
         rows = [r for r in rows if r["prompt"] not in train][:cfg.eval.rows]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
