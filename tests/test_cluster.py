@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,12 +35,11 @@ def test_shortage_names_what_is_missing():
 
 def test_a_config_the_cluster_cannot_host_fails_fast_naming_the_resources(ray_local):
     groups_before = set(ray_local.util.placement_group_table())
-    start = time.monotonic()
     with pytest.raises(ClusterResourceError) as error:
         Placement(ClusterConfig(resource_wait_s=2), learner=LearnerConfig(num_learners=2, device="cuda"),
                   rollout=RolloutConfig(num_workers=3, gpus_per_worker=2, node_resource="rollout"))
     message = str(error.value)
-    assert time.monotonic() - start < 30
+    assert "waited 2 s" in message  # failed after resource_wait_s, not after a placement group timed out
     assert "GPU: no node has it" in message and "rollout: no node has it" in message
     assert "rollout.gpus_per_worker" in message and "learner.device" in message
     with pytest.raises(ClusterResourceError, match="must equal learner.num_learners"):
@@ -68,18 +66,18 @@ def test_colocated_pairs_share_a_bundle(ray_local):
         placement.shutdown()
 
 
-def test_the_job_cli_fails_within_30_s_on_missing_resources(tiny_model, tmp_path):
+def test_the_job_cli_fails_before_any_actor_starts_on_missing_resources(tiny_model, tmp_path):
+    # how long this takes is measured by benchmarks/fail_fast.py, not asserted here
     home = upcycle(tiny_model("qwen2")).save_pretrained(tmp_path / "home")
-    start = time.monotonic()
     proc = subprocess.run([sys.executable, str(REPO / "recipes/grpo_think.py"), f"model.path={home}",
                            f"output_dir={tmp_path / 'run'}", "synthetic_rows=8", "rollout.gpus_per_worker=8"],
                           capture_output=True, text=True, timeout=300)
-    job_s = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "GPU: no node has it" in proc.stderr and "rollout.gpus_per_worker" in proc.stderr
+    assert "waited 10 s: cluster.resource_wait_s" in proc.stderr
     assert "Traceback" not in proc.stderr
-    # Python, Ray and the tiny model's start-up included; the resource check itself waits resource_wait_s (10 s)
-    assert job_s < 30, job_s
+    # the rollout pool exports the think view before its engines start: the check came first
+    assert not (tmp_path / "run" / "views").exists()
 
 
 def test_a_dead_rollout_worker_is_restarted_at_the_current_weights(tiny_model, ray_local):
