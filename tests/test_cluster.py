@@ -70,7 +70,8 @@ def test_the_job_cli_fails_before_any_actor_starts_on_missing_resources(tiny_mod
     # how long this takes is measured by benchmarks/fail_fast.py, not asserted here
     home = upcycle(tiny_model("qwen2")).save_pretrained(tmp_path / "home")
     proc = subprocess.run([sys.executable, str(REPO / "recipes/grpo_think.py"), f"model.path={home}",
-                           f"output_dir={tmp_path / 'run'}", "synthetic_rows=8", "rollout.gpus_per_worker=8"],
+                           f"output_dir={tmp_path / 'run'}", "synthetic_rows=8", "data.prompts_per_step=4",
+                           "rollout.gpus_per_worker=8"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "GPU: no node has it" in proc.stderr and "rollout.gpus_per_worker" in proc.stderr
