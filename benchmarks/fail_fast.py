@@ -29,6 +29,7 @@ def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
 
 
 def main(runs: int) -> dict:
+    from home_rl.cluster import ClusterConfig
     from home_rl.model import upcycle
     from home_rl.tiny import build_tiny_model
 
@@ -43,7 +44,7 @@ def main(runs: int) -> dict:
         if proc.returncode != 2 or "GPU: no node has it" not in proc.stderr:
             raise SystemExit(f"run {i} did not fail on the resource check (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         seconds.append(round(s, 2))
-    return {"runs_s": seconds, "median_s": round(statistics.median(seconds), 2), "resource_wait_s": 10.0,
+    return {"runs_s": seconds, "median_s": round(statistics.median(seconds), 2), "resource_wait_s": ClusterConfig().resource_wait_s,
             "python_and_imports_s": round(import_s, 2)}
 
 

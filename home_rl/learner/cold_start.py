@@ -167,16 +167,16 @@ def evaluate_templates(home_dir: Path, rows: list[dict], temperature: float = 1.
                 well_formed = fmt(sample.text, None, data_source=source, extra_info={"expert": expert})["score"]
                 check = get_verifier(default_sources()[source][0].name)
                 correct = check(sample.text, row["answer"], data_source=source, extra_info=row["extra_info"])["score"]
-                for key in (source, f"{source}@{row['extra_info'].get('steps', 1)}" if source == "math" else None):
-                    if key:  # per family, and math per number of steps
-                        per_family[key]["n"] += 1
-                        per_family[key]["well_formed"] += well_formed
-                        per_family[key]["correct"] += correct
+                groups = ["all", source] + ([f"math@{row['extra_info'].get('steps', 1)}"] if source == "math" else [])
+                for key in groups:  # overall, per family, and math per number of steps
+                    per_family[key]["n"] += 1
+                    per_family[key]["well_formed"] += well_formed
+                    per_family[key]["correct"] += correct
                 tokens += len(sample.response_ids)
-            n = len(rows)
+            n, overall = len(rows), per_family.pop("all")
             report[expert] = {
-                "well_formed": sum(f["well_formed"] for k, f in per_family.items() if "@" not in k) / n,
-                "accuracy": sum(f["correct"] for k, f in per_family.items() if "@" not in k) / n,
+                "well_formed": overall["well_formed"] / n,
+                "accuracy": overall["correct"] / n,
                 "mean_response_tokens": tokens / n,
                 "generate_s": round(result.stats["seconds"], 1),
                 "per_family": {k: {"n": v["n"], "well_formed": v["well_formed"] / v["n"],

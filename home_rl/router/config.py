@@ -19,7 +19,8 @@ def _rollout_defaults() -> RolloutConfig:
     # quarter of four sampled ones, so the same time labels four times the prompts.
     # Sampled labels (n=4, temperature 1.0) were tried and were worse: sampled, fast solved 65% of
     # one-step sums against think's 81%, so 47% of them were labelled think; and long problems were
-    # not labelled think more often (38-57% at 3-6 steps), as sampled think solves fewer of them too. 160 tokens: the worked trace of a six-step problem is about 120.
+    # not labelled think more often (38-57% at 3-6 steps), as sampled think solves fewer of them too.
+    # 160 tokens: the worked trace of a six-step problem is about 120.
     return RolloutConfig(n=1, temperature=0.0, max_response_tokens=160)
 
 
