@@ -6,8 +6,8 @@ import json
 import pytest
 
 from home_rl.errors import HomeRLError
-from home_rl.router.labels import (ExpertStats, derive_label, expert_stats, label_record, read_labels,
-                                   think_threshold, write_labels)
+from home_rl.router.labels import (ExpertStats, derive_label, expert_stats, label_record, net_gains, read_labels,
+                                   relabel, think_threshold, write_labels)
 
 # acc_think, acc_fast, len_think, len_fast, max_tokens, margin, length_cost -> threshold (by hand), label
 TABLE = [
@@ -63,6 +63,19 @@ def test_label_records_keep_every_number_and_round_trip(tmp_path):
     assert json.loads(path.read_text().splitlines()[0]) == record
     with pytest.raises(ValueError, match="no samples from the fast expert"):
         label_record(row, think, ExpertStats([], []), 128, 0.0, 0.1)
+
+
+def test_relabel_with_other_knobs_and_net_gains():
+    row = {"id": "m1", "data_source": "math"}
+    record = label_record(row, ExpertStats([1.0], [60]), ExpertStats([0.0], [10]), max_response_tokens=100, margin=0.0,
+                          length_cost=0.1)
+    assert record["label"] == "think" and net_gains([record]) == pytest.approx([1.0 - 0.1 * 50 / 100])
+    # a margin of 1.0 makes the same numbers a tie (gain 1 against 1.05): fast, and every number follows
+    strict = relabel(record, margin=1.0, length_cost=0.1)
+    assert strict["label"] == "fast" and strict["threshold"] == pytest.approx(1.05) and strict["margin"] == 1.0
+    assert net_gains([strict]) == pytest.approx([-0.05]) and record["label"] == "think"  # the input is left alone
+    bare = {"id": "x", "label": "think"}  # labels made elsewhere: kept as they are, and no gains to fit
+    assert relabel(bare, 1.0, 0.1) is bare and net_gains([record, bare]) is None
 
 
 def test_bad_label_files_are_clear_errors(tmp_path):

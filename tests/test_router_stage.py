@@ -29,13 +29,15 @@ def _cfgs(home: Path, tmp: Path):
     common = dict(
         rollout=RolloutConfig(n=2, max_response_tokens=8, dtype="float32", kv_cache_gib=0.25, max_model_len=512,
                               stop=[]),
-        router=RouterTrainConfig(max_epochs=60, patience=10, lr=1e-2),
     )
+    fit = dict(max_epochs=60, patience=10, lr=1e-2)
     mix = dict(ratio="math=1,ocr=1,vqa=1", image_fraction=1.0)  # 2 prompts per source, math rendered into images
     stage = RouterStageConfig(checkpoint=str(home), output_dir=str(tmp / "router"),
-                              synthetic=SyntheticMixConfig(rows=6, seed=0, **mix), **common)
+                              synthetic=SyntheticMixConfig(rows=6, seed=0, **mix), router=RouterTrainConfig(**fit),
+                              **common)
     evaluation = EvaluateConfig(checkpoint=str(tmp / "router" / "final"), output_dir=str(tmp / "eval"),
-                                synthetic=SyntheticMixConfig(rows=6, seed=1, **mix), **common)
+                                synthetic=SyntheticMixConfig(rows=6, seed=1, **mix),
+                                router=RouterTrainConfig(target="label", **fit), **common)  # type labels: no gains
     for cfg in (stage, evaluation):
         cfg.reward.sources = {s: verifier for s in ("math", "ocr", "vqa")}
         cfg.data.max_prompt_tokens = 400
@@ -69,6 +71,10 @@ def test_labels_come_from_both_experts_rollouts(stage_run):
         assert r["acc_think"] == (1.0 if r["data_source"] == "math" else 0.0) and r["acc_fast"] == 0.0
     summary = json.loads((stage_run["out"] / "router_metrics.json").read_text())
     assert summary["fit"]["class_counts"] == {"fast": 4, "think": 2}
+    # the default fit target: the expected net gain, whose value for the labels is checkable by hand
+    assert summary["fit"]["target"] == "expected_gain"
+    assert summary["fit"]["label_net_gain"] == pytest.approx(
+        sum(r["gain"] - r["threshold"] for r in records if r["label"] == "think") / len(records))
     assert summary["labels"]["by_source"]["math"]["think_ratio"] == 1.0
     assert (stage_run["out"] / "metrics.jsonl").read_text().count("\n") == summary["fit"]["epochs"]
     assert not (stage_run["out"] / "views").exists()  # the exported views are removed after use

@@ -1,4 +1,5 @@
-"""Fitting the router: class weights, validation split, early stopping, bad labelled sets; features and view swaps."""
+"""Fitting the router: expected-gain and label targets, class weights, validation split, early stopping, bad
+labelled sets; features and view swaps."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +13,7 @@ import torch
 
 from home_rl.errors import HomeRLError
 from home_rl.router.config import RouterTrainConfig
-from home_rl.router.trainer import EmptyLabelSetError, class_weight_vector, fit_router, split_indices
+from home_rl.router.trainer import EmptyLabelSetError, class_weight_vector, fit_router, soft_targets, split_indices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def blobs(n_fast: int, n_think: int, dim: int = 32, seed: int = 0) -> tuple[torc
 
 def test_fit_learns_separable_labels_and_stops_early():
     x, y = blobs(45, 15)
-    fit = fit_router(x, y, RouterTrainConfig(max_epochs=500, patience=5, lr=1e-2), router_hidden=16)
+    fit = fit_router(x, y, RouterTrainConfig(target="label", max_epochs=500, patience=5, lr=1e-2), router_hidden=16)
     m = fit.metrics
     assert m["class_counts"] == {"fast": 45, "think": 15} and not m["single_class"]
     assert m["val_prompts"] == 12 and m["train_prompts"] == 48  # 20% of each class held out: 9 fast + 3 think
@@ -44,9 +45,11 @@ def test_class_weights_balance_an_imbalanced_set():
     labels = np.array([0] * 30 + [1] * 10)
     assert class_weight_vector(labels, "balanced").tolist() == pytest.approx([40 / (2 * 30), 40 / (2 * 10)])
     assert class_weight_vector(labels, "none").tolist() == [1.0, 1.0]
+    assert class_weight_vector(labels, "auto", "label").tolist() == class_weight_vector(labels, "balanced").tolist()
+    assert class_weight_vector(labels, "auto", "expected_gain").tolist() == [1.0, 1.0]
     # a minority class learnt because of its weight: 57 fast vs 3 think, all think rows must still be found
     x, y = blobs(57, 3, seed=1)
-    fit = fit_router(x, y, RouterTrainConfig(max_epochs=300, patience=20, lr=1e-2, val_fraction=0.0),
+    fit = fit_router(x, y, RouterTrainConfig(target="label", max_epochs=300, patience=20, lr=1e-2, val_fraction=0.0),
                      router_hidden=16)
     assert fit.metrics["class_weights"]["think"] == pytest.approx(60 / 6)
     assert fit.metrics["predicted_think_ratio"] == pytest.approx(3 / 60)
@@ -64,9 +67,54 @@ def test_split_is_stratified_and_keeps_a_training_row_per_class():
 def test_single_class_trains_with_a_warning(caplog):
     x, y = blobs(12, 0)
     with caplog.at_level(logging.WARNING, logger="home_rl.router.trainer"):
-        fit = fit_router(x, y, RouterTrainConfig(max_epochs=20, patience=5), router_hidden=8)
+        fit = fit_router(x, y, RouterTrainConfig(target="label", max_epochs=20, patience=5), router_hidden=8)
     assert "single class: all 12 prompts are labelled fast" in caplog.text
     assert fit.metrics["single_class"] and fit.metrics["predicted_think_ratio"] == 0.0
+
+
+def test_soft_targets_by_hand():
+    t = soft_targets([0.95, -0.05, 0.0, -1.05, 1.2])
+    assert t[:, 1].tolist() == pytest.approx([0.975, 0.475, 0.5, 0.0, 1.0])  # clipped at both ends
+    assert t.sum(1).tolist() == pytest.approx([1.0] * 5)
+
+
+def test_expected_gain_thinks_where_the_mean_gain_pays_not_where_most_labels_say_think():
+    """Cluster A: think alone right on 1 prompt in 5, the rest ties (both wrong): labels are 80% fast, yet the mean
+    net gain is 0.2 * 0.95 - 0.8 * 0.05 = +0.15. Cluster B: think alone right on 1 in 10, fast alone on 3 in 10:
+    mean net gain 0.1 * 0.95 - 0.3 * 1.05 - 0.6 * 0.05 = -0.25. With a threshold of 0.05 on every prompt."""
+    g = torch.Generator().manual_seed(0)
+    cluster = [0] * 100 + [1] * 100  # prompts alike within a cluster, as prompts of one type are to the router
+    x = torch.randn(2, 16, generator=g)[cluster] + 0.05 * torch.randn(200, 16, generator=g)
+    gains, labels = [], []
+    for i, c in enumerate(cluster):
+        k = i % 10
+        gain = (1.0 if k < 2 else 0.0) if c else (1.0 if k == 0 else -1.0 if k <= 3 else 0.0)
+        gains.append(gain - 0.05)
+        labels.append(int(gain - 0.05 > 0))
+    fit = fit_router(x, labels, RouterTrainConfig(max_epochs=300), router_hidden=16, net_gains=gains)
+    m = fit.metrics
+    assert m["target"] == "expected_gain" and m["class_weights"] == {"fast": 1.0, "think": 1.0}
+    assert m["predicted_think_ratio"] == 0.5  # exactly cluster A
+    assert m["net_gain"] == pytest.approx(sum(gains[100:]) / 200)  # what thinking on all of A earns, per prompt
+    assert m["label_net_gain"] == pytest.approx(sum(g for g, y in zip(gains, labels) if y) / 200)
+    # the 0/1 labels, unweighted: the majority of both clusters is fast, so the router never thinks
+    hard = fit_router(x, labels, RouterTrainConfig(target="label", class_weights="none", max_epochs=300),
+                      router_hidden=16, net_gains=gains)
+    assert hard.metrics["predicted_think_ratio"] == 0.0 and hard.metrics["net_gain"] == 0.0
+
+
+def test_expected_gain_without_gains_is_a_clear_error():
+    x, y = blobs(6, 6)
+    with pytest.raises(HomeRLError, match="router.target=label"):
+        fit_router(x, y, RouterTrainConfig(), router_hidden=8)
+    with pytest.raises(ValueError, match="3 net gains for 12 labels"):
+        fit_router(x, y, RouterTrainConfig(), router_hidden=8, net_gains=[0.0, 0.1, 0.2])
+    # the evaluation's type-label router has data types, never gains: its config says so up front
+    from home_rl.router.config import EvaluateConfig
+
+    assert EvaluateConfig().router.target == "label"
+    with pytest.raises(HomeRLError, match="router.target must be label here"):
+        EvaluateConfig(router=RouterTrainConfig())
 
 
 def test_empty_label_set_is_a_clear_error():
@@ -110,6 +158,14 @@ def test_recipe_errors_are_one_line(tiny_home, tmp_path, monkeypatch, capsys):
                                                      f"labels_path={tmp_path / 'labels.jsonl'}"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err.startswith("error: ") and "is empty" in err and len(err.splitlines()) == 1
+    # labels without the numbers behind them cannot give the expected gain: the record is named, and the way out
+    (tmp_path / "labels.jsonl").write_text('{"id": "arith-0-000001", "label": "fast"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        run_recipe(train_router, RouterStageConfig, [f"checkpoint={tiny_home}", f"output_dir={tmp_path / 'out'}",
+                                                     f"labels_path={tmp_path / 'labels.jsonl'}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "record 'arith-0-000001' has no gain and threshold" in err
+    assert "router.target=label" in err and len(err.splitlines()) == 1
 
 
 def test_view_swap_sends_exactly_the_think_expert(tiny_home):

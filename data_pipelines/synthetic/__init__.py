@@ -76,6 +76,21 @@ def parse_levels(text: str) -> list[int]:
     return out
 
 
+def parse_ratio(text: str, key: str = "") -> dict[str, float]:
+    """'math=0.5,extract=0.5' -> {'math': 0.5, 'extract': 0.5}; anything else is a ConfigError naming `key`."""
+    out = {}
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        try:
+            out[name.strip()] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep:
+            where = f"{key}: " if key else ""
+            raise ConfigError(f"{where}expected family=weight,... got {text!r}")
+    return out
+
+
 def split_counts(n: int, ratio: dict) -> dict[str, int]:
     """Row counts per family that sum to `n`, proportional to `ratio` (largest remainder)."""
     unknown = set(ratio) - set(FAMILIES)

@@ -6,15 +6,14 @@ import sys
 
 from home_rl.errors import HomeRLError
 
-from data_pipelines.synthetic import DEFAULT_RATIO, TASKS, generate, parse_levels
+from data_pipelines.synthetic import DEFAULT_RATIO, TASKS, generate, parse_levels, parse_ratio
 
 
 def _ratio(text: str) -> dict:
-    """'math=0.5,extract=0.5' -> {'math': 0.5, 'extract': 0.5}"""
-    pairs = [p.split("=") for p in text.split(",") if p]
-    if any(len(p) != 2 for p in pairs):
-        raise argparse.ArgumentTypeError(f"expected family=weight,... got {text!r}")
-    return {k.strip(): float(v) for k, v in pairs}
+    try:
+        return parse_ratio(text)
+    except HomeRLError as e:  # argparse prints this one after "argument --ratio:"
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv=None) -> int:

@@ -96,6 +96,28 @@ def label_record(row: dict, think: ExpertStats, fast: ExpertStats, max_response_
     return record
 
 
+LABEL_NUMBERS = ("acc_think", "acc_fast", "len_think", "len_fast", "max_response_tokens")
+
+
+def relabel(record: dict, margin: float, length_cost: float) -> dict:
+    """The record under other knobs: its label, threshold, margin and length_cost recomputed from its numbers
+    (a record without them, e.g. labels made elsewhere, is returned as it is)."""
+    if any(not isinstance(record.get(k), (int, float)) for k in LABEL_NUMBERS):
+        return record
+    args = [record[k] for k in LABEL_NUMBERS]
+    return {**record, "label": derive_label(*args, margin, length_cost),
+            "gain": record["acc_think"] - record["acc_fast"], "threshold": think_threshold(*args[2:], margin, length_cost),
+            "margin": margin, "length_cost": length_cost}
+
+
+def net_gains(records: Sequence[dict]) -> Optional[list[float]]:
+    """Each record's gain minus its threshold (what router.target=expected_gain fits); None when a record lacks them."""
+    if any(not isinstance(r.get("gain"), (int, float)) or not isinstance(r.get("threshold"), (int, float))
+           for r in records):
+        return None
+    return [r["gain"] - r["threshold"] for r in records]
+
+
 def write_labels(path: str | Path, records: Iterable[dict]) -> Path:
     """Write records as JSONL, atomically (a temporary file renamed into place)."""
     path = Path(path)

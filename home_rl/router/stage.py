@@ -2,7 +2,8 @@
 
     rows -> fast view and think view answer each prompt n times (vLLM) -> scores (reward pool)
          -> per prompt: accuracy and mean length per expert -> label (labels.jsonl)
-         -> router features of the fast view (router trainer actor) -> class-weighted CE fit
+         -> router features of the fast view (router trainer actor) -> CE fit (router.target: the
+            expected net gain as a soft target, or the 0/1 labels)
          -> output_dir/final: the HOME checkpoint with only the router changed
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from home_rl.config import save_config
 from home_rl.errors import HomeRLError
 from home_rl.router.config import RouterStageConfig
-from home_rl.router.labels import EXPERT_INDEX, class_counts, label_record, read_labels, write_labels
+from home_rl.router.labels import EXPERT_INDEX, class_counts, label_record, net_gains, read_labels, relabel, write_labels
 from home_rl.router.prepare import ensure_ray, load_processor, load_rows, resolve_checkpoint, router_inputs
 from home_rl.router.trainer import EmptyLabelSetError, start_router_trainer
 
@@ -39,9 +40,14 @@ def train_router(cfg: RouterStageConfig) -> Path:
     checkpoint = resolve_checkpoint(cfg.checkpoint, "checkpoint", "recipes/grpo_think.py")
     given = None
     if cfg.labels_path:  # read before anything heavy starts: an empty or broken file fails at once
-        given = read_labels(cfg.labels_path)
+        given = [relabel(r, cfg.labels.margin, cfg.labels.length_cost) for r in read_labels(cfg.labels_path)]
         if not given:
             raise EmptyLabelSetError(f"the labelled set {cfg.labels_path} is empty: there is no prompt to train the router on")
+        if cfg.router.target == "expected_gain" and net_gains(given) is None:
+            bare = next(r["id"] for r in given if not isinstance(r.get("gain"), (int, float))
+                        or not isinstance(r.get("threshold"), (int, float)))
+            raise HomeRLError(f"labels_path {cfg.labels_path}: record {bare!r} has no gain and threshold, which "
+                              "router.target=expected_gain fits: give router.target=label to fit the labels alone")
     processor = load_processor(checkpoint)
     rows = load_rows(cfg.data, cfg.synthetic, out / "data", processor)
     save_config(cfg, out)
@@ -76,11 +82,13 @@ def train_router(cfg: RouterStageConfig) -> Path:
         features = ray.get(trainer.features.remote(router_inputs(labelled_rows, cfg.actor.template, processor, cfg.data),
                                                    cfg.actor.feature_batch_size))
         timing["features_s"] = time.perf_counter() - t0
-        fit = ray.get(trainer.fit.remote(features, [EXPERT_INDEX[r["label"]] for r in records], cfg.router))
+        fit = ray.get(trainer.fit.remote(features, [EXPERT_INDEX[r["label"]] for r in records], cfg.router,
+                                         net_gains(records)))
         _log_history(out, fit.history, cfg.tensorboard)
         note = {"labels": "rollouts" if given is None else f"file {cfg.labels_path}", "prompts": len(records),
                 "class_counts": counts, "margin": cfg.labels.margin, "length_cost": cfg.labels.length_cost,
                 "max_response_tokens": cfg.rollout.max_response_tokens, "template": cfg.actor.template,
+                "target": cfg.router.target,
                 "val_acc": fit.metrics.get("val/acc"), "best_epoch": fit.metrics["best_epoch"]}
         ray.get(trainer.install_router.remote(fit.state, note))
         final = Path(ray.get(trainer.save.remote(str(out / "final"))))
@@ -89,8 +97,9 @@ def train_router(cfg: RouterStageConfig) -> Path:
                               "by_source": _label_breakdown(records)},
                    "timing": {**timing, "total_s": time.perf_counter() - start}}
         (out / "router_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        log.info("router: val acc %s, predicted think ratio %.2f (labels %.2f); saved %s",
-                 _fmt(fit.metrics.get("val/acc")), fit.metrics["predicted_think_ratio"],
+        log.info("router (%s): val acc %s, net gain %s (labels %s), predicted think ratio %.2f (labels %.2f); "
+                 "saved %s", cfg.router.target, _fmt(fit.metrics.get("val/acc")), _fmt(fit.metrics.get("net_gain")),
+                 _fmt(fit.metrics.get("label_net_gain")), fit.metrics["predicted_think_ratio"],
                  fit.metrics["label_think_ratio"], final)
         return final
     finally:

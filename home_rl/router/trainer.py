@@ -2,9 +2,20 @@
 
 The router is a small MLP over pooled prompt features, so its training is tiny once the features
 exist: they are computed once (no grad, the model's own forward up to the router's layer), then
-the router alone is fitted with class-weighted cross-entropy, a stratified validation split and
-early stopping on the validation loss. The actor holds the model in plain torch (no DeepSpeed: no
-gradient ever reaches the base model) and writes the HOME checkpoint with only the router changed.
+the router alone is fitted with cross-entropy, a stratified validation split and early stopping on
+the validation loss.
+
+What it fits (router.target):
+    expected_gain  soft targets P(think) = clip(0.5 + net_gain / 2, 0, 1), net_gain = acc_think - acc_fast
+                   - threshold of the label rule. Cross-entropy is minimised where the router's P(think)
+                   is the mean target of prompts that look alike, so it picks think (P > 0.5) exactly where
+                   their mean net gain is positive: the label rule applied to expected accuracies.
+    label          the 0/1 labels, class-weighted. One greedy sample per expert makes most hard prompts a
+                   tie (both wrong) and so fast, even where think solves a fifth of them and fast none:
+                   the label majority is not where thinking pays.
+
+The actor holds the model in plain torch (no DeepSpeed: no gradient ever reaches the base model)
+and writes the HOME checkpoint with only the router changed.
 """
 from __future__ import annotations
 
@@ -55,10 +66,12 @@ def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[n
     return np.array(sorted(train), dtype=int), np.array(sorted(val), dtype=int)
 
 
-def class_weight_vector(labels: np.ndarray, how: str) -> torch.Tensor:
-    """Cross-entropy weights per class: 'balanced' gives N / (present classes * count); absent classes get 1."""
+def class_weight_vector(labels: np.ndarray, how: str, target: str = "label") -> torch.Tensor:
+    """Cross-entropy weights per class: 'balanced' gives N / (present classes * count); absent classes get 1.
+    'auto' is balanced for hard labels and none for expected-gain targets: weighting soft targets would
+    move the decision from "mean net gain > 0" to "mean target above the set's average"."""
     weights = torch.ones(len(CLASSES))
-    if how == "none":
+    if how == "none" or (how == "auto" and target == "expected_gain"):
         return weights
     counts = np.bincount(labels, minlength=len(CLASSES))
     present = int((counts > 0).sum())
@@ -80,14 +93,24 @@ def _one_thread():
 
 
 def fit_router(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, router_hidden: int,
-               init_state: Optional[dict] = None) -> FitResult:
-    """Fit a router (fresh, or from `init_state`) on [N, hidden] features and 0/1 labels (0 fast, 1 think)."""
+               init_state: Optional[dict] = None, net_gains: Optional[Sequence[float]] = None) -> FitResult:
+    """Fit a router (fresh, or from `init_state`) on [N, hidden] features and 0/1 labels (0 fast, 1 think).
+
+    `net_gains` (per prompt: think's accuracy gain minus the label rule's threshold) are what
+    cfg.target=expected_gain fits; with them the metrics also report the net gain the routing earns."""
     with _one_thread():
-        return _fit(features, labels, cfg, router_hidden, init_state)
+        return _fit(features, labels, cfg, router_hidden, init_state, net_gains)
+
+
+def soft_targets(net_gains: Sequence[float]) -> torch.Tensor:
+    """[N, 2] (fast, think) probabilities: P(think) = 0.5 + net_gain / 2, clipped to [0, 1] (a tie: 0.5, and
+    the router's argmax gives an exact tie to fast)."""
+    think = (0.5 + 0.5 * torch.as_tensor(list(net_gains), dtype=torch.float32)).clamp(0.0, 1.0)
+    return torch.stack([1.0 - think, think], dim=1)
 
 
 def _fit(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, router_hidden: int,
-         init_state: Optional[dict]) -> FitResult:
+         init_state: Optional[dict], net_gains: Optional[Sequence[float]]) -> FitResult:
     y_all = np.asarray(list(labels), dtype=int)
     if len(y_all) == 0:
         raise EmptyLabelSetError("the labelled set is empty: there is no prompt to train the router on "
@@ -96,6 +119,11 @@ def _fit(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, 
         raise ValueError(f"{features.shape[0]} feature rows for {len(y_all)} labels")
     if bad := sorted(set(y_all.tolist()) - {0, 1}):
         raise ValueError(f"router labels must be 0 (fast) or 1 (think), got {bad}")
+    if net_gains is not None and len(net_gains) != len(y_all):
+        raise ValueError(f"{len(net_gains)} net gains for {len(y_all)} labels")
+    if cfg.target == "expected_gain" and net_gains is None:
+        raise HomeRLError("router.target=expected_gain needs each prompt's net gain (labels with gain and "
+                          "threshold, as the router stage writes them); these labels have none: use router.target=label")
     counts = {name: int((y_all == c).sum()) for c, name in enumerate(CLASSES)}
     single = sum(v > 0 for v in counts.values()) == 1
     if single:
@@ -106,9 +134,11 @@ def _fit(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, 
 
     train_idx, val_idx = split_indices(y_all, cfg.val_fraction, cfg.seed)
     x = features.float()
-    x_train, y_train = x[train_idx], torch.as_tensor(y_all[train_idx])
-    x_val, y_val = x[val_idx], torch.as_tensor(y_all[val_idx])
-    weights = class_weight_vector(y_all[train_idx], cfg.class_weights)
+    y = torch.as_tensor(y_all)
+    # What the loss compares the logits to: class indices, or (fast, think) probabilities.
+    targets = soft_targets(net_gains) if cfg.target == "expected_gain" else y
+    gains = torch.as_tensor(list(net_gains), dtype=torch.float32) if net_gains is not None else None
+    weights = class_weight_vector(y_all[train_idx], cfg.class_weights, cfg.target)
 
     torch.manual_seed(cfg.seed)
     router = Router(x.shape[1], router_hidden).float()
@@ -117,28 +147,35 @@ def _fit(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, 
     optimizer = torch.optim.AdamW(router.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     order_rng = torch.Generator().manual_seed(cfg.seed)
 
-    def evaluate(xs: torch.Tensor, ys: torch.Tensor) -> dict:
-        if len(ys) == 0:
+    def evaluate(idx: np.ndarray) -> dict:
+        """Loss against the fitted targets; accuracy against the labels; the net gain the picks earn
+        (mean over prompts of net_gain where think is picked: what routing adds to always-fast)."""
+        if len(idx) == 0:
             return {}
         router.eval()
         with torch.no_grad():
-            logits = router(xs)
-        pred = logits.argmax(1)
+            logits = router(x[idx])
+        pred, ys = logits.argmax(1), y[idx]
         recalls = [float((pred[ys == c] == c).float().mean()) for c in range(len(CLASSES)) if (ys == c).any()]
-        return {"loss": float(F.cross_entropy(logits, ys, weight=weights)), "acc": float((pred == ys).float().mean()),
-                "balanced_acc": float(np.mean(recalls)), "think_ratio": float(pred.float().mean())}
+        out = {"loss": float(F.cross_entropy(logits, targets[idx], weight=weights)),
+               "acc": float((pred == ys).float().mean()), "balanced_acc": float(np.mean(recalls)),
+               "think_ratio": float(pred.float().mean())}
+        if gains is not None:
+            out["net_gain"] = float((gains[idx] * pred).mean())
+            out["label_net_gain"] = float((gains[idx] * ys).mean())  # what the labels themselves earn
+        return out
 
     history, best, best_state, best_epoch, waited = [], math.inf, copy.deepcopy(router.state_dict()), 0, 0
     for epoch in range(1, cfg.max_epochs + 1):
         router.train()
-        perm = torch.randperm(len(y_train), generator=order_rng)
+        perm = torch.as_tensor(train_idx)[torch.randperm(len(train_idx), generator=order_rng)]
         for start in range(0, len(perm), cfg.batch_size):
             part = perm[start:start + cfg.batch_size]
-            loss = F.cross_entropy(router(x_train[part]), y_train[part], weight=weights)
+            loss = F.cross_entropy(router(x[part]), targets[part], weight=weights)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-        train_m, val_m = evaluate(x_train, y_train), evaluate(x_val, y_val)
+        train_m, val_m = evaluate(train_idx), evaluate(val_idx)
         history.append({"epoch": epoch, **{f"train/{k}": v for k, v in train_m.items()},
                         **{f"val/{k}": v for k, v in val_m.items()}})
         watched = (val_m or train_m)["loss"]  # no validation rows (a tiny set): stop on the training loss
@@ -150,14 +187,16 @@ def _fit(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, 
                 break
 
     router.load_state_dict(best_state)
-    final_train, final_val, final_all = evaluate(x_train, y_train), evaluate(x_val, y_val), evaluate(x, torch.as_tensor(y_all))
+    final_train, final_val, final_all = evaluate(train_idx), evaluate(val_idx), evaluate(np.arange(len(y_all)))
     metrics = {
-        "prompts": len(y_all), "train_prompts": len(train_idx), "val_prompts": len(val_idx),
+        "target": cfg.target, "prompts": len(y_all), "train_prompts": len(train_idx), "val_prompts": len(val_idx),
         "class_counts": counts, "class_weights": dict(zip(CLASSES, weights.tolist())), "single_class": single,
         "best_epoch": best_epoch, "epochs": len(history), "stopped_early": len(history) < cfg.max_epochs,
         **{f"train/{k}": v for k, v in final_train.items()}, **{f"val/{k}": v for k, v in final_val.items()},
         "label_think_ratio": counts["think"] / len(y_all), "predicted_think_ratio": final_all["think_ratio"],
     }
+    if gains is not None:
+        metrics.update(net_gain=final_all["net_gain"], label_net_gain=final_all["label_net_gain"])
     return FitResult({k: v.detach().clone() for k, v in best_state.items()}, metrics, history)
 
 
@@ -213,9 +252,10 @@ class RouterTrainer:
     def features(self, items: list[dict], batch_size: int = 8) -> torch.Tensor:
         return compute_features(self.home, items, batch_size, device=self.device)
 
-    def fit(self, features: torch.Tensor, labels: list[int], cfg: RouterTrainConfig) -> FitResult:
+    def fit(self, features: torch.Tensor, labels: list[int], cfg: RouterTrainConfig,
+            net_gains: Optional[list[float]] = None) -> FitResult:
         init = self.home.router.state_dict() if cfg.init == "checkpoint" else None
-        return fit_router(features, labels, cfg, self.home.home_config["router_hidden_size"], init)
+        return fit_router(features, labels, cfg, self.home.home_config["router_hidden_size"], init, net_gains)
 
     def route_logits(self, features: torch.Tensor, state: Optional[dict] = None) -> torch.Tensor:
         """Router logits [N, 2] for [fast, think]: the model's own router, or a router with `state`."""

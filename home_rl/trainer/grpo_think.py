@@ -43,8 +43,8 @@ EVAL_SEED = 999_983  # the held-out evaluation samples with the same seed every 
 
 # The embedded default is sized for 2 CPU cores and 24 GB (measured): a learner's micro-batch of 8
 # sequences of 192 tokens peaks at 5.9 GB (16: 9.2 GB, and no faster), and a step of 16 prompts x 4
-# samples (plus one regeneration round) takes about 79 s on a quiet machine, so 20 steps with both
-# evaluations take about 29.5 minutes. On levels 1-4 with lr 3e-5, held-out accuracy rose 37.5% -> 59.5%
+# samples (plus one regeneration round) takes about 77 s on a quiet machine, so 20 steps with start-up
+# and both evaluations took 29 min 51 s. On levels 1-4 with lr 3e-5, held-out accuracy rose 37.5% -> 59.5%
 # and the mean reward of the last 5 steps beat the first 5 by 0.18 (8 prompts x 8 samples: 48.5%, and
 # no reward trend); with an earlier cold start, 6e-5 lowered held-out accuracy where 3e-5 raised it.
 
