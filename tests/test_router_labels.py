@@ -70,7 +70,7 @@ def test_relabel_with_other_knobs_and_net_gains():
     record = label_record(row, ExpertStats([1.0], [60]), ExpertStats([0.0], [10]), max_response_tokens=100, margin=0.0,
                           length_cost=0.1)
     assert record["label"] == "think" and net_gains([record]) == pytest.approx([1.0 - 0.1 * 50 / 100])
-    # a margin of 1.0 makes the same numbers a tie (gain 1 against 1.05): fast, and every number follows
+    # a margin of 1.0: the same numbers fall short (gain 1 against a threshold of 1.05), and every number follows
     strict = relabel(record, margin=1.0, length_cost=0.1)
     assert strict["label"] == "fast" and strict["threshold"] == pytest.approx(1.05) and strict["margin"] == 1.0
     assert net_gains([strict]) == pytest.approx([-0.05]) and record["label"] == "think"  # the input is left alone

@@ -104,9 +104,9 @@ def relabel(record: dict, margin: float, length_cost: float) -> dict:
     (a record without them, e.g. labels made elsewhere, is returned as it is)."""
     if any(not isinstance(record.get(k), (int, float)) for k in LABEL_NUMBERS):
         return record
-    args = [record[k] for k in LABEL_NUMBERS]
-    return {**record, "label": derive_label(*args, margin, length_cost),
-            "gain": record["acc_think"] - record["acc_fast"], "threshold": think_threshold(*args[2:], margin, length_cost),
+    acc_think, acc_fast, len_think, len_fast, max_tokens = (record[k] for k in LABEL_NUMBERS)
+    return {**record, "label": derive_label(acc_think, acc_fast, len_think, len_fast, max_tokens, margin, length_cost),
+            "gain": acc_think - acc_fast, "threshold": think_threshold(len_think, len_fast, max_tokens, margin, length_cost),
             "margin": margin, "length_cost": length_cost}
 
 
