@@ -29,6 +29,7 @@ from home_rl.router.config import RouterTrainConfig
 from home_rl.router.evaluate import ALL, group_keys, summarize_policy
 from home_rl.router.labels import THINK, ExpertStats, net_gains, read_labels, relabel
 from home_rl.router.prepare import load_processor, router_inputs
+from home_rl.router.stage import prompt_kinds
 from home_rl.router.trainer import RouterTrainer, fit_router
 
 TARGETS = ("expected_gain", "label")
@@ -94,7 +95,8 @@ def main(router_dir: Path, eval_dir: Path, seeds: int, knobs: Optional[tuple[flo
         runs = []
         for seed in range(seeds):
             fit = fit_router(x_train, labels, RouterTrainConfig(target=target, seed=seed, **(settings or {})),
-                             trainer.home.home_config["router_hidden_size"], net_gains=gains)
+                             trainer.home.home_config["router_hidden_size"], net_gains=gains,
+                             strata=prompt_kinds(records))
             choices = [("fast", THINK)[int(i)] for i in trainer.route_logits(x_eval, fit.state).argmax(1)]
             hybrid = summarize_policy(groups, think, fast, choices)
             runs.append({"seed": seed, "best_epoch": fit.metrics["best_epoch"],

@@ -45,8 +45,8 @@ def submit_with_retry(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 def actor_processes(temp_dir: str) -> list[str]:
     """Learner/rollout/reward actor processes of the cluster started with `temp_dir` (its raylet's descendants)."""
-    rows = [line.split(None, 2) for line in subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
-                                                            text=True).stdout.splitlines()]
+    rows = [line.split(None, 2) for line in subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="],
+                                                            capture_output=True, text=True).stdout.splitlines()]
     rows = [(int(r[0]), int(r[1]), r[2] if len(r) > 2 else "") for r in rows]
     ours = {pid for pid, _, args in rows if temp_dir in args}
     grew = True
@@ -81,15 +81,19 @@ def ray_head():
 
 def stop_cluster(temp_dir: str) -> None:
     """Stop only the cluster this test started (`ray stop` would stop every Ray cluster on the machine,
-    the test session's own included): its processes carry its temp dir in their command lines, and
-    its workers exit when their raylet does."""
+    the test session's own included): its processes carry its temp dir or its GCS port in their command
+    lines (the Ray client server has only the port), and its workers exit when their raylet does."""
+    import re
     import signal
 
-    def ours() -> list[int]:
-        ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-        return [int(line.split(None, 1)[0]) for line in ps.splitlines() if temp_dir in line]
+    mine = re.compile(re.escape(temp_dir) + rf"|:{GCS_PORT}\b")
 
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 0)):
+    def ours() -> list[int]:
+        # -ww: whole command lines, whatever COLUMNS says (the temp dir comes after long paths)
+        ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+        return [int(line.split(None, 1)[0]) for line in ps.splitlines() if mine.search(line)]
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         for pid in ours():
             try:
                 os.kill(pid, sig)
@@ -98,6 +102,7 @@ def stop_cluster(temp_dir: str) -> None:
         deadline = time.time() + wait
         while ours() and time.time() < deadline:
             time.sleep(0.5)
+    assert not ours(), "processes of the test's Ray cluster outlived SIGKILL"
 
 
 def test_ray_job_submit_runs_the_main_job(ray_head, tiny_model, tmp_path):

@@ -62,6 +62,12 @@ def test_split_is_stratified_and_keeps_a_training_row_per_class():
     assert (labels[val] == 0).sum() == 5 and (labels[val] == 1).sum() == 1
     train, val = split_indices(np.array([1]), 0.5, seed=0)
     assert train.tolist() == [0] and val.tolist() == []  # one row: it trains, nothing to validate on
+    # with strata, half of each kind and class: 4 "a" fast, 4 "b" fast, 2 "a" think, 2 "b" think
+    labels = np.array([0] * 8 + [1] * 4)
+    kinds = ["a", "b"] * 6
+    train, val = split_indices(labels, 0.5, seed=0, strata=kinds)
+    assert sorted(train.tolist() + val.tolist()) == list(range(12))
+    assert sorted((kinds[i], int(labels[i])) for i in val) == [("a", 0), ("a", 0), ("a", 1), ("b", 0), ("b", 0), ("b", 1)]
 
 
 def test_single_class_trains_with_a_warning(caplog):

@@ -55,12 +55,12 @@ class SyntheticMixConfig:
 class RouterTrainConfig:
     init: str = "fresh"  # fresh (new weights from seed) | checkpoint (continue from the checkpoint's router)
     lr: float = 1e-3  # AdamW learning rate
-    weight_decay: float = 1.0  # AdamW weight decay (strong: one greedy sample per expert gives noisy targets; over 2 label sets x 6 seeds, 1.0 met the router bars in 11 fits of 12, 0.01 and 0.3 in 10, sending more one-step sums to think)
+    weight_decay: float = 1.0  # AdamW weight decay (strong: one greedy sample per expert gives noisy targets; on the default run's labels, 6 seeds each, 1.0 met the router bars 6 times with <= 20% of one-step sums sent to think, 0.3 6 times with up to 29%, 0.01 5 times)
     batch_size: int = 64  # labelled prompts per optimizer step
     max_epochs: int = 200  # passes over the training split at most
     patience: int = 20  # stop after this many epochs without a better validation loss (the best epoch's weights are kept)
     min_delta: float = 1e-4  # a validation loss counts as better when it drops by more than this
-    val_fraction: float = 0.2  # share of each class held out for validation and early stopping
+    val_fraction: float = 0.2  # share of each class (and, in the router stage, of each data_source and step count) held out for validation and early stopping
     target: str = "expected_gain"  # expected_gain (soft P(think) = 0.5 + net gain / 2: think where similar prompts gain on average) | label (the 0/1 labels)
     class_weights: str = "auto"  # balanced (weight of a class = prompts / (classes * its prompts)) | none | auto (balanced for target=label, none for expected_gain)
     seed: int = 0  # seeds the split, the initial weights and the batch order

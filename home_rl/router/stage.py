@@ -83,7 +83,7 @@ def train_router(cfg: RouterStageConfig) -> Path:
                                                    cfg.actor.feature_batch_size))
         timing["features_s"] = time.perf_counter() - t0
         fit = ray.get(trainer.fit.remote(features, [EXPERT_INDEX[r["label"]] for r in records], cfg.router,
-                                         net_gains(records)))
+                                         net_gains(records), prompt_kinds(records)))
         _log_history(out, fit.history, cfg.tensorboard)
         note = {"labels": "rollouts" if given is None else f"file {cfg.labels_path}", "prompts": len(records),
                 "class_counts": counts, "margin": cfg.labels.margin, "length_cost": cfg.labels.length_cost,
@@ -117,6 +117,11 @@ def _join(records: list[dict], rows: list[dict], path: str) -> tuple[list[dict],
         raise HomeRLError(f"labels_path {path}: {len(missing)} id(s) are not rows of the data, e.g. {missing[:3]} "
                           "(give the data.path the labels were made from)")
     return records, [by_id[r["id"]] for r in records]
+
+
+def prompt_kinds(records: list[dict]) -> list[str]:
+    """Each record's kind, "<data_source>@<steps>": what the router's validation split is stratified by."""
+    return [f"{r.get('data_source')}@{r.get('steps')}" for r in records]
 
 
 def _label_breakdown(records: list[dict]) -> dict:

@@ -54,12 +54,16 @@ class FitResult:
     history: list  # one dict per epoch: train/val loss and accuracy
 
 
-def split_indices(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified (train, validation) indices: about val_fraction of each class held out, at least one kept for training."""
+def split_indices(labels: np.ndarray, val_fraction: float, seed: int,
+                  strata: Optional[Sequence[str]] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train, validation) indices: about val_fraction of each class held out, at least one kept for
+    training. With `strata` (a kind per prompt, e.g. its data source and step count), of each kind and class:
+    early stopping then judges the fit on the same mix of prompts it is fitted on."""
+    keys = labels if strata is None else np.array([f"{kind}|{y}" for kind, y in zip(strata, labels)])
     rng = np.random.default_rng(seed)
     train, val = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
+    for c in np.unique(keys):
+        idx = rng.permutation(np.flatnonzero(keys == c))
         n_val = min(int(math.floor(val_fraction * len(idx) + 0.5)), len(idx) - 1)
         val += idx[:n_val].tolist()
         train += idx[n_val:].tolist()
@@ -93,13 +97,15 @@ def _one_thread():
 
 
 def fit_router(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, router_hidden: int,
-               init_state: Optional[dict] = None, net_gains: Optional[Sequence[float]] = None) -> FitResult:
+               init_state: Optional[dict] = None, net_gains: Optional[Sequence[float]] = None,
+               strata: Optional[Sequence[str]] = None) -> FitResult:
     """Fit a router (fresh, or from `init_state`) on [N, hidden] features and 0/1 labels (0 fast, 1 think).
 
     `net_gains` (per prompt: think's accuracy gain minus the label rule's threshold) are what
-    cfg.target=expected_gain fits; with them the metrics also report the net gain the routing earns."""
+    cfg.target=expected_gain fits; with them the metrics also report the net gain the routing earns.
+    `strata` (a kind per prompt) stratify the validation split beside the labels."""
     with _one_thread():
-        return _fit(features, labels, cfg, router_hidden, init_state, net_gains)
+        return _fit(features, labels, cfg, router_hidden, init_state, net_gains, strata)
 
 
 def soft_targets(net_gains: Sequence[float]) -> torch.Tensor:
@@ -110,7 +116,7 @@ def soft_targets(net_gains: Sequence[float]) -> torch.Tensor:
 
 
 def _fit(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, router_hidden: int,
-         init_state: Optional[dict], net_gains: Optional[Sequence[float]]) -> FitResult:
+         init_state: Optional[dict], net_gains: Optional[Sequence[float]], strata: Optional[Sequence[str]]) -> FitResult:
     y_all = np.asarray(list(labels), dtype=int)
     if len(y_all) == 0:
         raise EmptyLabelSetError("the labelled set is empty: there is no prompt to train the router on "
@@ -119,8 +125,9 @@ def _fit(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, 
         raise ValueError(f"{features.shape[0]} feature rows for {len(y_all)} labels")
     if bad := sorted(set(y_all.tolist()) - {0, 1}):
         raise ValueError(f"router labels must be 0 (fast) or 1 (think), got {bad}")
-    if net_gains is not None and len(net_gains) != len(y_all):
-        raise ValueError(f"{len(net_gains)} net gains for {len(y_all)} labels")
+    for name, values in (("net gains", net_gains), ("strata", strata)):
+        if values is not None and len(values) != len(y_all):
+            raise ValueError(f"{len(values)} {name} for {len(y_all)} labels")
     if cfg.target == "expected_gain" and net_gains is None:
         raise HomeRLError("router.target=expected_gain needs each prompt's net gain (labels with gain and "
                           "threshold, as the router stage writes them); these labels have none: use router.target=label")
@@ -132,7 +139,7 @@ def _fit(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, 
                     "to always pick %s (check labels.margin / labels.length_cost, or the data's mix)",
                     len(y_all), only, only)
 
-    train_idx, val_idx = split_indices(y_all, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = split_indices(y_all, cfg.val_fraction, cfg.seed, strata)
     x = features.float()
     y = torch.as_tensor(y_all)
     # What the loss compares the logits to: class indices, or (fast, think) probabilities.
@@ -253,9 +260,9 @@ class RouterTrainer:
         return compute_features(self.home, items, batch_size, device=self.device)
 
     def fit(self, features: torch.Tensor, labels: list[int], cfg: RouterTrainConfig,
-            net_gains: Optional[list[float]] = None) -> FitResult:
+            net_gains: Optional[list[float]] = None, strata: Optional[list[str]] = None) -> FitResult:
         init = self.home.router.state_dict() if cfg.init == "checkpoint" else None
-        return fit_router(features, labels, cfg, self.home.home_config["router_hidden_size"], init, net_gains)
+        return fit_router(features, labels, cfg, self.home.home_config["router_hidden_size"], init, net_gains, strata)
 
     def route_logits(self, features: torch.Tensor, state: Optional[dict] = None) -> torch.Tensor:
         """Router logits [N, 2] for [fast, think]: the model's own router, or a router with `state`."""
