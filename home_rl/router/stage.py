@@ -17,7 +17,8 @@ from pathlib import Path
 from home_rl.config import save_config
 from home_rl.errors import HomeRLError
 from home_rl.router.config import RouterStageConfig
-from home_rl.router.labels import EXPERT_INDEX, class_counts, label_record, net_gains, read_labels, relabel, write_labels
+from home_rl.router.labels import (EXPERT_INDEX, class_counts, has_gain, label_record, net_gains, read_labels, relabel,
+                                   write_labels)
 from home_rl.router.prepare import ensure_ray, load_processor, load_rows, resolve_checkpoint, router_inputs
 from home_rl.router.trainer import EmptyLabelSetError, start_router_trainer
 
@@ -43,9 +44,8 @@ def train_router(cfg: RouterStageConfig) -> Path:
         given = [relabel(r, cfg.labels.margin, cfg.labels.length_cost) for r in read_labels(cfg.labels_path)]
         if not given:
             raise EmptyLabelSetError(f"the labelled set {cfg.labels_path} is empty: there is no prompt to train the router on")
-        if cfg.router.target == "expected_gain" and net_gains(given) is None:
-            bare = next(r["id"] for r in given if not isinstance(r.get("gain"), (int, float))
-                        or not isinstance(r.get("threshold"), (int, float)))
+        bare = next((r["id"] for r in given if not has_gain(r)), None)
+        if cfg.router.target == "expected_gain" and bare is not None:
             raise HomeRLError(f"labels_path {cfg.labels_path}: record {bare!r} has no gain and threshold, which "
                               "router.target=expected_gain fits: give router.target=label to fit the labels alone")
     processor = load_processor(checkpoint)

@@ -108,10 +108,10 @@ def fit_router(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainCo
         return _fit(features, labels, cfg, router_hidden, init_state, net_gains, strata)
 
 
-def soft_targets(net_gains: Sequence[float]) -> torch.Tensor:
+def soft_targets(net_gains: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """[N, 2] (fast, think) probabilities: P(think) = 0.5 + net_gain / 2, clipped to [0, 1] (a tie: 0.5, and
     the router's argmax gives an exact tie to fast)."""
-    think = (0.5 + 0.5 * torch.as_tensor(list(net_gains), dtype=torch.float32)).clamp(0.0, 1.0)
+    think = (0.5 + 0.5 * torch.as_tensor(net_gains, dtype=torch.float32)).clamp(0.0, 1.0)
     return torch.stack([1.0 - think, think], dim=1)
 
 
@@ -143,8 +143,8 @@ def _fit(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, 
     x = features.float()
     y = torch.as_tensor(y_all)
     # What the loss compares the logits to: class indices, or (fast, think) probabilities.
-    targets = soft_targets(net_gains) if cfg.target == "expected_gain" else y
-    gains = torch.as_tensor(list(net_gains), dtype=torch.float32) if net_gains is not None else None
+    gains = torch.as_tensor(net_gains, dtype=torch.float32) if net_gains is not None else None
+    targets = soft_targets(gains) if cfg.target == "expected_gain" else y
     weights = class_weight_vector(y_all[train_idx], cfg.class_weights, cfg.target)
 
     torch.manual_seed(cfg.seed)
