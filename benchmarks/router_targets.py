@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from data_pipelines import DataConfig, load_dataset
+from home_rl.experts import THINK
 from home_rl.router.config import RouterTrainConfig
-from home_rl.router.evaluate import ALL, group_keys, summarize_policy
-from home_rl.router.labels import THINK, ExpertStats, net_gains, read_labels, relabel
-from home_rl.router.prepare import load_processor, router_inputs
-from home_rl.router.stage import prompt_kinds
+from home_rl.router.features import router_inputs
+from home_rl.router.labels import ExpertStats, net_gains, read_labels, relabel
 from home_rl.router.trainer import RouterTrainer, fit_router
+from home_rl.trainer.evaluate import ALL, group_keys, summarize_policy
+from home_rl.trainer.router_stage import prompt_kinds
+from home_rl.trainer.startup import load_processor
 
 TARGETS = ("expected_gain", "label")
 

@@ -17,8 +17,7 @@ from typing import Any, Optional
 
 from home_rl.errors import ConfigError
 
-FAST, THINK = "fast", "think"  # the same names as home_rl.model (not imported: that pulls in torch)
-EXPERTS = (FAST, THINK)
+from home_rl.experts import EXPERTS, FAST, THINK
 IMAGE_MARKER = "<image>"  # where an image goes inside prompt text (verl's convention); otherwise images lead the question
 
 _SYSTEM = {

@@ -15,7 +15,7 @@ from home_rl.router.config import EvaluateConfig
 
 
 def main(cfg: EvaluateConfig) -> None:
-    from home_rl.router.evaluate import evaluate
+    from home_rl.trainer.evaluate import evaluate
 
     report = evaluate(cfg)
     print(f"report: {cfg.output_dir}/report.md (hybrid accuracy {report['hybrid']['all']['accuracy']:.3f}, "

@@ -10,7 +10,7 @@ the input's kind: a dense folder that transformers loads, or a HOME checkpoint).
 from __future__ import annotations
 
 from home_rl.cli import run_recipe
-from home_rl.learner.sft import SFTConfig, run_sft
+from home_rl.trainer.sft import SFTConfig, run_sft
 
 
 def main(cfg: SFTConfig) -> None:

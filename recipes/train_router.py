@@ -14,7 +14,7 @@ from home_rl.router.config import RouterStageConfig
 
 
 def main(cfg: RouterStageConfig) -> None:
-    from home_rl.router.stage import train_router
+    from home_rl.trainer.router_stage import train_router
 
     final = train_router(cfg)
     print(f"labels: {cfg.output_dir}/labels.jsonl")

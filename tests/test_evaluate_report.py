@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from home_rl.router.evaluate import group_keys, markdown_report, oracle_choices, plot_report, summarize_policy
+from home_rl.trainer.evaluate import group_keys, markdown_report, oracle_choices, plot_report, summarize_policy
 from home_rl.router.labels import ExpertStats
 
 ROWS = [

@@ -48,8 +48,8 @@ def _cfgs(home: Path, tmp: Path):
 @pytest.fixture(scope="module")
 def stage_run(tiny_model, ray_local, tmp_path_factory):
     from home_rl.model import upcycle
-    from home_rl.router.evaluate import evaluate
-    from home_rl.router.stage import train_router
+    from home_rl.trainer.evaluate import evaluate
+    from home_rl.trainer.router_stage import train_router
 
     tmp = tmp_path_factory.mktemp("router_stage")
     home = upcycle(tiny_model("qwen2_5_vl"), router_hidden_size=16).save_pretrained(tmp / "home")

@@ -144,8 +144,8 @@ def tiny_home(tiny_model, tmp_path_factory):
 def test_recipe_errors_are_one_line(tiny_home, tmp_path, monkeypatch, capsys):
     from home_rl.cli import run_recipe
     from home_rl.router.config import EvaluateConfig, RouterStageConfig
-    from home_rl.router.evaluate import evaluate
-    from home_rl.router.stage import train_router
+    from home_rl.trainer.evaluate import evaluate
+    from home_rl.trainer.router_stage import train_router
 
     # the default checkpoint (the GRPO run's final) is missing here: say what to run
     proc = subprocess.run([sys.executable, str(REPO / "recipes" / "train_router.py")], capture_output=True, text=True,

@@ -16,7 +16,8 @@ import pytest
 from data_pipelines import DataConfig, read_rows
 from data_pipelines.schema import BadRowError
 from home_rl.config import load_config
-from home_rl.learner.sft import SFTConfig, SFTOptions, build_sequences, load_processor, run_sft
+from home_rl.trainer.sft import SFTConfig, SFTOptions, build_sequences, run_sft
+from home_rl.trainer.startup import load_processor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,8 +133,8 @@ def test_stage_sft_of_a_home_model_trains_tokens_and_router(ray_local, tiny_mode
 
 def test_cold_start_rows_follow_the_plan_and_the_recipe_reads_back_equal():
     """A recipe that compared unequal to its own stamp file would rebuild the cold start on every run."""
-    from home_rl.learner.cold_start import TRAIN_PLAN, cold_start_recipe, heldout_rows, train_rows
-    from home_rl.learner.sft import experts_for
+    from home_rl.trainer.cold_start import TRAIN_PLAN, cold_start_recipe, heldout_rows, train_rows
+    from home_rl.trainer.sft import experts_for
 
     recipe = cold_start_recipe("smollm2")
     assert json.loads(json.dumps(recipe)) == recipe
@@ -152,7 +153,7 @@ def test_cold_start_rows_follow_the_plan_and_the_recipe_reads_back_equal():
 @pytest.mark.slow
 def test_cold_start_teaches_both_output_templates():
     """The embedded default's cold start (built once, then cached): >= 90% well-formed answers per template."""
-    from home_rl.learner.cold_start import cold_start_dir, ensure_cold_start, evaluate_templates, heldout_rows
+    from home_rl.trainer.cold_start import cold_start_dir, ensure_cold_start, evaluate_templates, heldout_rows
     from home_rl.model import is_home_checkpoint
 
     home = ensure_cold_start("smollm2")

@@ -11,8 +11,7 @@ from typing import Union
 import torch
 from torch import nn
 
-FAST, THINK = "fast", "think"
-EXPERTS = (FAST, THINK)  # the order of the router's logits
+from home_rl.experts import EXPERTS, FAST, THINK  # noqa: F401  (re-exported by home_rl.model)
 
 # A route: one expert name for every row, or a LongTensor [batch] of indices into HybridMLP.names.
 Route = Union[str, torch.Tensor]

@@ -63,3 +63,10 @@ def compute_features(home: Any, items: Sequence[dict], batch_size: int = 8, pad_
         for row, i in enumerate(chunk):
             out[i] = features[row]
     return torch.stack(out)
+
+
+def router_inputs(rows: Sequence[dict], template: str, processor: Any, data: Any) -> list[dict]:
+    """Each row's prompt as the router reads it: rendered with `template`'s expert, images as pixel tensors."""
+    from data_pipelines import render_prompt
+
+    return [router_input(render_prompt(row, template, processor, data)) for row in rows]

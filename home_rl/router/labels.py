@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from home_rl.errors import HomeRLError
+from home_rl.experts import EXPERT_INDEX, FAST, THINK
 
-FAST, THINK = "fast", "think"
-EXPERT_INDEX = {FAST: 0, THINK: 1}  # the router's logit order (home_rl.model.EXPERTS)
 # Accuracies are means over a few samples and the threshold a sum of floats: a gain equal to the
 # threshold up to rounding is a tie, and ties go to fast.
 TIE_TOLERANCE = 1e-9

@@ -34,13 +34,14 @@ import torch
 import torch.nn.functional as F
 
 from home_rl.errors import HomeRLError
+from home_rl.experts import EXPERTS
 from home_rl.model.router import Router
 from home_rl.router.config import RouterTrainConfig
 from home_rl.router.features import compute_features
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("fast", "think")  # label index -> expert (the router's logit order)
+CLASSES = EXPERTS  # label index -> expert (the router's logit order)
 
 
 class EmptyLabelSetError(HomeRLError):

@@ -29,9 +29,9 @@ from home_rl.config import ModelConfig, save_config
 from home_rl.errors import ConfigError, HomeRLError
 from home_rl.grpo import GRPOConfig, GRPOLoss, group_advantages, zero_variance_groups
 from home_rl.learner.batch import Sequence
-from home_rl.learner.checkpoint import read_state, resolve_resume, save_checkpoint
+from home_rl.trainer.checkpoint import read_state, resolve_resume, save_checkpoint
 from home_rl.learner.config import LearnerConfig
-from home_rl.learner.sft import TrainerConfig
+from home_rl.trainer.config import TrainerConfig
 from home_rl.rollout.config import RolloutConfig
 from reward import RewardConfig
 
@@ -131,7 +131,7 @@ def resolve_home_checkpoint(cfg: GRPOThinkConfig) -> Path:
     from home_rl.model.embedded import EMBEDDED
 
     if cfg.model.path in EMBEDDED:
-        from home_rl.learner.cold_start import ensure_cold_start
+        from home_rl.trainer.cold_start import ensure_cold_start
 
         return Path(ensure_cold_start(cfg.model.path))
     path = Path(cfg.model.path)

@@ -10,8 +10,8 @@ extract questions. Direct answers to six-step problems would only teach the fast
 word problems). The SFT'd dense model is upcycled into a HOME checkpoint, cached under
 `cache_dir()/models/<name>-home`; later runs reuse it. This is where the default GRPO run starts.
 
-    python -m home_rl.learner.cold_start            # build (once) and evaluate; prints one JSON object
-    python -m home_rl.learner.cold_start --force    # rebuild
+    python -m home_rl.trainer.cold_start            # build (once) and evaluate; prints one JSON object
+    python -m home_rl.trainer.cold_start --force    # rebuild
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def cold_start_config(name: str, data_path: Path, output_dir: Path):
     from data_pipelines import DataConfig
     from home_rl.config import ModelConfig
     from home_rl.learner.config import LearnerConfig
-    from home_rl.learner.sft import SFTConfig, SFTOptions, TrainerConfig
+    from home_rl.trainer.config import TrainerConfig
+    from home_rl.trainer.sft import SFTConfig, SFTOptions
 
     return SFTConfig(
         model=ModelConfig(path=name, dtype="bfloat16"),
@@ -96,7 +97,7 @@ def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
 
     A build killed midway resumes from its last SFT checkpoint on the next call.
     """
-    from home_rl.learner.sft import run_sft
+    from home_rl.trainer.sft import run_sft
     from home_rl.model import DTYPES, upcycle
 
     out = cold_start_dir(name)
@@ -143,7 +144,7 @@ def evaluate_templates(home_dir: Path, rows: list[dict], temperature: float = 1.
     import tempfile
 
     from data_pipelines import DataConfig, render_prompt
-    from home_rl.learner.sft import load_processor
+    from home_rl.trainer.startup import load_processor
     from home_rl.model import HomeModel
     from home_rl.rollout import RolloutConfig, RolloutWorker
     from reward import get_verifier

@@ -16,20 +16,16 @@ from pathlib import Path
 
 from home_rl.config import save_config
 from home_rl.errors import HomeRLError
+from home_rl.experts import row_type
 from home_rl.router.config import RouterStageConfig
 from home_rl.router.labels import (EXPERT_INDEX, class_counts, has_gain, label_record, net_gains, read_labels, relabel,
                                    write_labels)
-from home_rl.router.prepare import ensure_ray, load_processor, load_rows, resolve_checkpoint, router_inputs
+from home_rl.router.features import router_inputs
 from home_rl.router.trainer import EmptyLabelSetError, start_router_trainer
+from home_rl.trainer.router_data import load_rows
+from home_rl.trainer.startup import ensure_ray, load_processor, resolve_home_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def type_label(row: dict, think_sources: list[str]) -> str:
-    """The paper's label of a row: its data type (extra_info.expert, else think for reasoning sources)."""
-    from home_rl.learner.sft import row_type
-
-    return row_type(row, think_sources)
 
 
 def train_router(cfg: RouterStageConfig) -> Path:
@@ -38,7 +34,7 @@ def train_router(cfg: RouterStageConfig) -> Path:
 
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    checkpoint = resolve_checkpoint(cfg.checkpoint, "checkpoint", "recipes/grpo_think.py")
+    checkpoint = resolve_home_checkpoint(cfg.checkpoint, "checkpoint", "recipes/grpo_think.py")
     given = None
     if cfg.labels_path:  # read before anything heavy starts: an empty or broken file fails at once
         given = [relabel(r, cfg.labels.margin, cfg.labels.length_cost) for r in read_labels(cfg.labels_path)]
@@ -59,14 +55,14 @@ def train_router(cfg: RouterStageConfig) -> Path:
     try:
         info = ray.get(trainer.info.remote())
         if given is None:
-            from home_rl.router.rollouts import rollout_both
+            from home_rl.trainer.both_views import rollout_both
             from reward import RewardPool
 
             rewards = RewardPool(cfg.reward)
             rewards.validate_sources({r["data_source"] for r in rows})
             both = rollout_both(trainer, rows, processor, cfg.data, cfg.rollout, rewards, out / "views", cfg.seed)
             records = [label_record(row, think, fast, cfg.rollout.max_response_tokens, cfg.labels.margin,
-                                    cfg.labels.length_cost, type_label(row, cfg.think_sources))
+                                    cfg.labels.length_cost, row_type(row, cfg.think_sources))
                        for row, think, fast in zip(both.rows, both.stats["think"], both.stats["fast"])]
             labelled_rows = both.rows
             timing = both.timing

@@ -18,7 +18,9 @@ from typing import Any, Iterator, Sequence
 
 from data_pipelines import DataConfig, render_prompt
 from home_rl.rollout.config import RolloutConfig
-from home_rl.router.labels import FAST, THINK, ExpertStats, expert_stats
+from home_rl.experts import FAST, THINK
+from home_rl.router.labels import ExpertStats, expert_stats
+from home_rl.trainer.startup import reward_inputs
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,7 @@ def rollout_both(trainer: Any, rows: Sequence[dict], processor: Any, data_cfg: D
                     groups += result.samples
                     bar.update(len(result.samples))
             t2 = time.perf_counter()
-            to_score = [{"id": f"{rows[i]['id']}#{expert}#{s.sample_index}", "response": s.text,
-                         "ground_truth": rows[i]["answer"], "data_source": rows[i]["data_source"],
-                         "extra_info": {**(rows[i].get("extra_info") or {}), "expert": expert}}
-                        for i, group in enumerate(groups) for s in group]
+            to_score = reward_inputs(rows, groups, expert)
             scores, _ = rewards.score(to_score) if to_score else ([], {})
             it = iter(scores)
             stats = [expert_stats([next(it) for _ in group], [len(s.response_ids) for s in group]) for group in groups]

@@ -26,10 +26,12 @@ from typing import Optional, Sequence
 
 from home_rl.config import save_config
 from home_rl.router.config import DEFAULT_CHECKPOINT, EvaluateConfig
-from home_rl.router.labels import EXPERT_INDEX, THINK, ExpertStats, derive_label
-from home_rl.router.prepare import ensure_ray, load_processor, load_rows, resolve_checkpoint, router_inputs, synthetic_mix
-from home_rl.router.stage import type_label
+from home_rl.experts import EXPERT_INDEX, EXPERTS, FAST, THINK, row_type
+from home_rl.router.features import router_inputs
+from home_rl.router.labels import ExpertStats, derive_label
 from home_rl.router.trainer import start_router_trainer
+from home_rl.trainer.router_data import load_rows, synthetic_mix
+from home_rl.trainer.startup import ensure_ray, load_processor, resolve_home_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     make_it = "recipes/train_router.py"
     if not (Path(DEFAULT_CHECKPOINT) / "config.json").is_file():
         make_it = "recipes/grpo_think.py and then recipes/train_router.py"
-    checkpoint = resolve_checkpoint(cfg.checkpoint, "checkpoint", make_it)
+    checkpoint = resolve_home_checkpoint(cfg.checkpoint, "checkpoint", make_it)
     processor = load_processor(checkpoint)
     rows = load_rows(cfg.data, cfg.synthetic, out / "data", processor)
     type_rows = _type_rows(cfg, out, processor) if cfg.type_router.enabled else []
@@ -172,7 +174,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     ensure_ray(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.reward.num_workers * cfg.reward.cpus_per_worker
                + cfg.actor.cpus)
-    from home_rl.router.rollouts import rollout_both
+    from home_rl.trainer.both_views import rollout_both
     from reward import RewardPool
 
     trainer = start_router_trainer(str(checkpoint), cfg.actor.cpus, cfg.actor.gpus, cfg.actor.threads)
@@ -192,18 +194,18 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         batch = cfg.actor.feature_batch_size
         features = ray.get(trainer.features.remote(router_inputs(rows, cfg.actor.template, processor, cfg.data), batch))
         logits = ray.get(trainer.route_logits.remote(features))
-        choices = {"hybrid": [("fast", "think")[int(i)] for i in logits.argmax(1)],
-                   "always_think": ["think"] * len(rows), "always_fast": ["fast"] * len(rows),
-                   "oracle": oracle_choices(both.stats["think"], both.stats["fast"], cfg.rollout.max_response_tokens,
+        choices = {"hybrid": [EXPERTS[int(i)] for i in logits.argmax(1)],
+                   "always_think": [THINK] * len(rows), "always_fast": [FAST] * len(rows),
+                   "oracle": oracle_choices(both.stats[THINK], both.stats[FAST], cfg.rollout.max_response_tokens,
                                             cfg.labels.margin, cfg.labels.length_cost)}
         type_fit = None
         if type_rows:
             type_features = ray.get(trainer.features.remote(
                 router_inputs(type_rows, cfg.actor.template, processor, cfg.data), batch))
-            labels = [EXPERT_INDEX[type_label(r, cfg.type_router.think_sources)] for r in type_rows]
+            labels = [EXPERT_INDEX[row_type(r, cfg.type_router.think_sources)] for r in type_rows]
             type_fit = ray.get(trainer.fit.remote(type_features, labels, cfg.router))
             type_logits = ray.get(trainer.route_logits.remote(features, type_fit.state))
-            choices["type_labels"] = [("fast", "think")[int(i)] for i in type_logits.argmax(1)]
+            choices["type_labels"] = [EXPERTS[int(i)] for i in type_logits.argmax(1)]
             notes.append(f"type_labels: a router fitted on data-type labels (think for data_source in "
                          f"{list(cfg.type_router.think_sources)}, else fast; what Stage-SFT's router loss learns) by "
                          f"the same router trainer on the features of {len(type_rows)} training prompts "
@@ -218,7 +220,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         shutil.rmtree(out / "views", ignore_errors=True)
 
     groups = group_keys(rows, cfg.steps_at_least)
-    report = {p: summarize_policy(groups, both.stats["think"], both.stats["fast"], c) for p, c in choices.items()}
+    report = {p: summarize_policy(groups, both.stats[THINK], both.stats[FAST], c) for p, c in choices.items()}
     report["info"] = {"checkpoint": str(checkpoint), "data": cfg.data.path, "prompts": len(rows),
                       "samples_per_expert": cfg.rollout.n, "max_response_tokens": cfg.rollout.max_response_tokens,
                       "temperature": cfg.rollout.temperature, "margin": cfg.labels.margin,

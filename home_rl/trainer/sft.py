@@ -27,13 +27,14 @@ from data_pipelines.schema import BadRowError
 from data_pipelines.templates import target_response
 from home_rl.config import ModelConfig, save_config, to_dict
 from home_rl.errors import ConfigError, HomeRLError
+from home_rl.experts import EXPERT_INDEX, row_type
 from home_rl.learner.batch import Sequence
-from home_rl.learner.checkpoint import read_state, resolve_resume, save_checkpoint
 from home_rl.learner.config import LearnerConfig
+from home_rl.trainer.checkpoint import read_state, resolve_resume, save_checkpoint
+from home_rl.trainer.config import TrainerConfig
+from home_rl.trainer.startup import ensure_ray, load_processor
 
 log = logging.getLogger(__name__)
-
-EXPERT_ORDER = ("fast", "think")  # the router's logits order (home_rl.model.EXPERTS)
 
 
 @dataclasses.dataclass
@@ -48,16 +49,6 @@ class SFTOptions:
 
 
 @dataclasses.dataclass
-class TrainerConfig:
-    total_steps: int = 100  # optimizer steps, each on data.prompts_per_step rows
-    save_every: int = 50  # steps between checkpoints (0: none before the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept in output_dir/checkpoints
-    resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | a checkpoint folder
-    log_every: int = 10  # steps between console log lines (metrics.jsonl gets every step)
-    tensorboard: bool = True  # also write TensorBoard event files under output_dir/tensorboard
-
-
-@dataclasses.dataclass
 class SFTConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the dense or HOME checkpoint to fine-tune
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # rows with reference solutions (data.prompts_per_step rows per step)
@@ -68,16 +59,6 @@ class SFTConfig:
 
 
 # ----------------------------------------------------------------------------- rows -> sequences
-
-
-def row_type(row: dict, think_sources: list[str]) -> str:
-    """The expert a row's data type belongs to: extra_info.expert, else think for reasoning sources, else fast."""
-    named = (row.get("extra_info") or {}).get("expert")
-    if named is not None:
-        if named not in EXPERT_ORDER:
-            raise ValueError(f"extra_info.expert is {named!r}; expected think or fast")
-        return named
-    return "think" if row.get("data_source") in think_sources else "fast"
 
 
 def experts_for(row: dict, opts: SFTOptions) -> list[str]:
@@ -118,7 +99,7 @@ def build_sequences(rows: list[dict], processor: Any, data_cfg: DataConfig, opts
                     prompt_ids=prompt.prompt_token_ids, response_ids=response,
                     route=expert if is_home else None, mm_inputs=prompt.mm_inputs,
                     mm_token_type_ids=prompt.mm_token_type_ids,
-                    router_label=EXPERT_ORDER.index(kind) if router is not None else None,
+                    router_label=EXPERT_INDEX[kind] if router is not None else None,
                     router_prompt_ids=router.prompt_token_ids if router is not None else None,
                     router_mm_token_type_ids=router.mm_token_type_ids if router is not None else None))
         except ValueError as e:
@@ -137,36 +118,7 @@ def build_sequences(rows: list[dict], processor: Any, data_cfg: DataConfig, opts
     return out
 
 
-def load_processor(model_dir: str | Path):
-    """The model's processor (vision-language models) or tokenizer."""
-    import transformers
-
-    from home_rl.model.architectures import architecture_of, read_config_json
-
-    if architecture_of(read_config_json(model_dir)).multimodal:
-        return transformers.AutoProcessor.from_pretrained(model_dir)
-    return transformers.AutoTokenizer.from_pretrained(model_dir)
-
-
 # ----------------------------------------------------------------------------- the run
-
-
-def ensure_ray(num_cpus_needed: float) -> bool:
-    """Join the Ray cluster of RAY_ADDRESS, or start a local one with enough logical CPUs for the learners.
-
-    Returns whether this call connected (so the caller disconnects when done); False if Ray was up already.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-        return True
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(num_cpus_needed + 0.999)),
-             include_dashboard=False, log_to_driver=False, configure_logging=False)
-    return True
 
 
 def run_sft(cfg: SFTConfig) -> Path:

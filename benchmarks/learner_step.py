@@ -1,6 +1,6 @@
 """Learner step time on the embedded SmolLM2-135M with SFT sequences of the synthetic mix; prints one JSON object.
 
-    python -m home_rl.learner.benchmark --learners 1 --threads 2 --micro 16 --batch 32 --steps 3
+    python benchmarks/learner_step.py --learners 1 --threads 2 --micro 16 --batch 32 --steps 3
 
 The first step (warm-up: allocator, thread pools) is reported apart from the mean of the rest.
 """
@@ -28,7 +28,8 @@ def main() -> None:
     from data_pipelines import DataConfig, read_rows
     from data_pipelines.synthetic import generate
     from home_rl.learner import LearnerConfig, LearnerGroup
-    from home_rl.learner.sft import SFTOptions, build_sequences, ensure_ray, load_processor
+    from home_rl.trainer.sft import SFTOptions, build_sequences
+    from home_rl.trainer.startup import ensure_ray, load_processor
     from home_rl.model.embedded import resolve_model_path
 
     model_dir = resolve_model_path(args.model)

@@ -1,0 +1,14 @@
+"""The `trainer` section every training driver shares: steps, checkpoints, resume, logging."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    total_steps: int = 100  # optimizer steps, each on data.prompts_per_step rows
+    save_every: int = 50  # steps between checkpoints (0: none before the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept in output_dir/checkpoints
+    resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | a checkpoint folder
+    log_every: int = 10  # steps between console log lines (metrics.jsonl gets every step)
+    tensorboard: bool = True  # also write TensorBoard event files under output_dir/tensorboard

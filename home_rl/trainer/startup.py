@@ -1,0 +1,77 @@
+"""What every driver starts with: Ray, the checkpoint, the processor, and the reward pool's inputs.
+
+One path for all of them (GRPO, SFT and the cold start, the router stage, the evaluation):
+
+    started = ensure_ray(cpus_needed)          # join RAY_ADDRESS's cluster, or start a local runtime
+    home = resolve_home_checkpoint(path, key, make_it)
+    processor = load_processor(home)
+    scores, metrics = rewards.score(reward_inputs(rows, groups, expert))
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from home_rl.errors import ConfigError, HomeRLError
+
+
+def ensure_ray(cpus_needed: float) -> bool:
+    """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local runtime with enough logical CPUs.
+
+    Ray schedules by logical CPUs: a local runtime declares at least what every actor asks for (they
+    then share the machine's cores; each actor sizes its own threads). Returns whether this call
+    connected, so that the caller disconnects when done; False when Ray was up already.
+    """
+    import ray
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=False)
+        return True
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private runtime of this process: no token to hand out
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed - 1e-9)),
+             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    return True
+
+
+def resolve_home_checkpoint(path: str, key: str = "model.path", make_it: str = "") -> Path:
+    """The HOME checkpoint named by config key `key`: a folder, or an embedded model's name (its cold start,
+    built when missing). A missing folder says what to run (`make_it`); a dense folder says how to upcycle it."""
+    from home_rl.model import is_home_checkpoint
+    from home_rl.model.embedded import EMBEDDED
+
+    if path in EMBEDDED:
+        from home_rl.trainer.cold_start import ensure_cold_start
+
+        return Path(ensure_cold_start(path))
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        run = f"run {make_it} first, or give {key}=HOME_DIR" if make_it else f"give {key}=HOME_DIR"
+        raise HomeRLError(f"{key}: no HOME checkpoint at {path}: {run}")
+    if not is_home_checkpoint(folder):
+        raise ConfigError(f"{key}={path} is a dense checkpoint: this recipe needs a HOME checkpoint "
+                          f"(make one with recipes/upcycle.py model.path={path})")
+    return folder
+
+
+def load_processor(model_dir: str | Path) -> Any:
+    """The model's processor (vision-language models) or tokenizer (text models)."""
+    import transformers
+
+    from home_rl.model.architectures import architecture_of, read_config_json
+
+    if architecture_of(read_config_json(model_dir)).multimodal:
+        return transformers.AutoProcessor.from_pretrained(model_dir)
+    return transformers.AutoTokenizer.from_pretrained(model_dir)
+
+
+def reward_inputs(rows: Sequence[dict], groups: Sequence[Sequence[Any]], expert: str) -> list[dict]:
+    """What the reward pool scores: every sample of `groups[i]` (answers to `rows[i]`) with its row's answer,
+    source and extra_info, the answering expert named so the format verifier checks that expert's template."""
+    return [{"id": f"{row['id']}#{expert}#{s.sample_index}", "response": s.text, "ground_truth": row["answer"],
+             "data_source": row["data_source"], "extra_info": {**(row.get("extra_info") or {}), "expert": expert}}
+            for row, group in zip(rows, groups) for s in group]
