@@ -40,7 +40,7 @@ def main(runs: int) -> dict:
     for i in range(runs):
         s, proc = timed([sys.executable, str(REPO / "recipes/grpo_think.py"), f"model.path={home}",
                          f"output_dir={root / f'run{i}'}", "synthetic_rows=8", "data.prompts_per_step=4",
-                         "rollout.gpus_per_worker=8"])
+                         "rollout.resources.gpus=8"])
         if proc.returncode != 2 or "GPU: no node has it" not in proc.stderr:
             raise SystemExit(f"run {i} did not fail on the resource check (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         seconds.append(round(s, 2))

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from home_rl.learner import LearnerConfig, Sequence  # noqa: E402
+from home_rl.resources import Resources  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- groups
@@ -64,7 +65,7 @@ class DirectGroup:
         from home_rl.learner.worker import LearnerWorker
 
         self.cfg = cfg
-        self.worker = LearnerWorker(0, 1, to_dict(cfg), max(1, int(cfg.cpus_per_learner)))
+        self.worker = LearnerWorker(0, 1, to_dict(cfg), cfg.resources.num_threads())
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -166,7 +167,7 @@ def small_run(mode: str, home_dir: Path, dtype: str, work: Path) -> dict:
     out: dict = {"dtype": dtype}
     batch = mixed_routes(long_batch(10, prompt=9, response=6, vocab=600, seed=3))
     cfg = LearnerConfig(num_learners=1, trainable="think", lr=1e-2, micro_batch_size=3, device="cuda",
-                        cpus_per_learner=2)
+                        resources=Resources(cpus=2))
     t0 = time.perf_counter()
     group = make_group(mode, cfg, home_dir, dtype, total_steps=3)
     out["setup_s"] = round(time.perf_counter() - t0, 2)
@@ -230,7 +231,7 @@ def big_run(mode: str, home_dir: Path, vocab: int, n_seq: int, prompt: int, resp
                  "micro_batch_size": micro}
     batch = long_batch(n_seq, prompt, response, vocab, seed=1)
     cfg = LearnerConfig(num_learners=1, trainable="think", lr=1e-5, micro_batch_size=micro, device="cuda",
-                        cpus_per_learner=4)
+                        resources=Resources(cpus=4))
     t0 = time.perf_counter()
     group = make_group(mode, cfg, home_dir, "bfloat16", total_steps=steps + 1)
     out["setup_s"] = round(time.perf_counter() - t0, 2)
@@ -314,7 +315,7 @@ def ds_variant(home_dir: Path, batch: list[Sequence], micro: int, steps: int, ze
     worker_mod.deepspeed_config = patched
     try:
         cfg = LearnerConfig(num_learners=1, trainable="think", lr=1e-5, micro_batch_size=micro, device="cuda",
-                            cpus_per_learner=4, zero_stage=stage)
+                            resources=Resources(cpus=4), zero_stage=stage)
         group = DirectGroup(cfg, str(home_dir), "bfloat16", steps + 2)
         try:
             group.train_step(batch)

@@ -28,6 +28,7 @@ def main() -> None:
     from data_pipelines import DataConfig, read_rows
     from data_pipelines.synthetic import generate
     from home_rl.learner import LearnerConfig, LearnerGroup
+    from home_rl.resources import Resources
     from home_rl.trainer.sft import SFTOptions, build_sequences
     from home_rl.trainer.startup import ensure_ray, load_processor
     from home_rl.model.embedded import resolve_model_path
@@ -38,7 +39,7 @@ def main() -> None:
                            SFTOptions(route="both"), False)
     batch = [s for v in seqs.values() for s in v][:args.batch]
     ensure_ray(args.learners)
-    cfg = LearnerConfig(num_learners=args.learners, micro_batch_size=args.micro, threads_per_learner=args.threads,
+    cfg = LearnerConfig(num_learners=args.learners, micro_batch_size=args.micro, resources=Resources(threads=args.threads),
                         lr=1e-5)
     start = time.perf_counter()
     group = LearnerGroup(cfg, str(model_dir), args.dtype, total_steps=args.steps)

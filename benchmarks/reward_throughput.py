@@ -41,7 +41,7 @@ def make_samples(n: int, seed: int = 0) -> list[dict]:
 def measure(num_workers: int, samples: list[dict], timeout_s: float) -> dict:
     from reward import RewardConfig, RewardPool
 
-    pool = RewardPool(RewardConfig(num_workers=num_workers, cpus_per_worker=1.0, timeout_s=timeout_s))
+    pool = RewardPool(RewardConfig(num_workers=num_workers, timeout_s=timeout_s))
     try:
         pool.score(make_samples(200, seed=1))  # warm-up: math-verify's first parses, Ray's first calls
         start = time.perf_counter()

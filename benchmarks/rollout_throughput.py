@@ -100,6 +100,7 @@ def main() -> None:
     import transformers
 
     from home_rl.model.embedded import resolve_model_path
+    from home_rl.resources import Resources
     from home_rl.rollout import RolloutConfig, RolloutPool, logprob_agreement, recompute_logprobs
 
     path = str(resolve_model_path("smollm2"))
@@ -109,7 +110,7 @@ def main() -> None:
     stop = "</answer>"
     cores = os.cpu_count() or 1
     cfg = RolloutConfig(num_workers=1, n=args.n, temperature=1.0, max_response_tokens=args.max_new_tokens,
-                        stop=[stop], max_model_len=1024, dtype="bfloat16", kv_cache_gib=2, threads_per_worker=cores,
+                        stop=[stop], max_model_len=1024, dtype="bfloat16", kv_cache_gib=2, resources=Resources(threads=cores),
                         update_bucket_mb=64, seed=0)
     ray.init(address="local", num_cpus=max(4, cores), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
@@ -176,7 +177,7 @@ def main() -> None:
     # ---- two workers sharing the machine's cores
     report["one_worker_tokens_per_s"] = report["vllm_tokens_per_s"]
     if not args.skip_two_workers and cores >= 2:
-        two = RolloutPool(path, dataclasses.replace(cfg, num_workers=2, threads_per_worker=max(1, cores // 2), kv_cache_gib=1))
+        two = RolloutPool(path, dataclasses.replace(cfg, num_workers=2, resources=Resources(threads=max(1, cores // 2)), kv_cache_gib=1))
         two.generate(prompts[:4], n=2, seed=123)  # warm-up on both workers
         load_before = load()
         result2 = two.generate(prompts, seed=0)

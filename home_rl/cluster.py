@@ -2,18 +2,17 @@
 
     cluster:
       mode: disaggregated                 # or colocated
-    learner: {num_learners: 8, node_resource: learner}
-    rollout: {num_workers: 4, gpus_per_worker: 2, tensor_parallel_size: 2, in_process_engine: false,
-              node_resource: rollout}
-    reward:  {num_workers: 16, node_resource: ""}
+    learner: {num_learners: 8, resources: {node_resource: learner}}
+    rollout: {num_workers: 4, tensor_parallel_size: 2, in_process_engine: false,
+              resources: {gpus: 2, node_resource: rollout}}
+    reward:  {num_workers: 16}
 
-Node types are marked with custom Ray resources (`ray start --resources '{"rollout": 1}'`). An actor
-whose section names one asks for a sliver of it (LABEL_SHARE): it runs only on such nodes, while
-CPUs and GPUs, not the label, decide how many share a node.
+This module takes bundles (what each actor asks for, home_rl.resources) and knows no group's
+config; the drivers build the bundles from their configs (home_rl.trainer.startup.job_placement).
 
 - disaggregated: learners in one PACKed placement group (a bundle per learner: a GPU and its CPUs),
-  rollout workers in a SPREAD group (a bundle per worker: its GPUs and CPUs), reward workers
-  wherever CPUs are free. A restarted rollout worker gets its bundle back.
+  rollout workers in a SPREAD group (a bundle per worker: its GPUs and CPUs), reward workers and
+  other actors wherever CPUs are free. A restarted rollout worker gets its bundle back.
 - colocated: one placement group; bundle i holds learner i and rollout worker i, which share its
   GPU (half each, as far as Ray counts). The vLLM engines sleep during the update where the
   build supports it (CUDA), so the learner gets the memory back.
@@ -27,18 +26,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 from home_rl.errors import HomeRLError
 
-if TYPE_CHECKING:
-    from home_rl.learner.config import LearnerConfig
-    from home_rl.rollout.config import RolloutConfig
-    from reward.config import RewardConfig
-
 log = logging.getLogger(__name__)
 
-LABEL_SHARE = 0.001  # how much of its node label resource an actor asks for (a label, not a count)
 COLOCATED_GPU_SHARE = 0.5  # learner and rollout worker of a colocated bundle each count half its GPU
 
 
@@ -56,38 +49,10 @@ class ClusterConfig:
 
 @dataclasses.dataclass
 class Bundle:
-    """Resources of one placement-group bundle, and who asked for them (for error messages)."""
-    resources: dict[str, float]
-    owner: str  # e.g. "learner 0", "rollout worker 1", "learner 0 + rollout worker 0"
+    """What one actor asks for, and who asks (for error messages)."""
+    resources: dict[str, float]  # Ray resources: CPU, GPU, node labels
+    owner: str  # e.g. "learner 0", "rollout worker 1"
     keys: str  # the config keys that decide these resources
-
-
-def label_resources(label: str) -> dict[str, float]:
-    return {label: LABEL_SHARE} if label else {}
-
-
-def learner_uses_gpu(cfg: "LearnerConfig") -> bool:
-    """learner.device: auto takes GPUs when the cluster has one per learner."""
-    import ray
-
-    if cfg.device == "cpu":
-        return False
-    if cfg.device == "cuda":
-        return True  # a shortage is reported by the resource check, with the rest of what is missing
-    return ray.cluster_resources().get("GPU", 0) >= cfg.num_learners
-
-
-def learner_bundle(cfg: "LearnerConfig", use_gpu: bool) -> dict[str, float]:
-    return {"CPU": cfg.cpus_per_learner, **({"GPU": 1.0} if use_gpu else {}), **label_resources(cfg.node_resource)}
-
-
-def rollout_bundle(cfg: "RolloutConfig") -> dict[str, float]:
-    gpus = {"GPU": float(cfg.gpus_per_worker)} if cfg.gpus_per_worker else {}
-    return {"CPU": cfg.cpus_per_worker, **gpus, **label_resources(cfg.node_resource)}
-
-
-def reward_bundle(cfg: "RewardConfig") -> dict[str, float]:
-    return {"CPU": cfg.cpus_per_worker, **label_resources(cfg.node_resource)}
 
 
 def _merge(*parts: dict[str, float]) -> dict[str, float]:
@@ -178,52 +143,33 @@ def _fmt(resources: dict[str, float]) -> str:
 
 
 class Placement:
-    """Placement groups for a job's learners and rollout workers; actor options per rank.
+    """Placement groups for a job's learners and rollout workers, and actor options per rank.
 
-    Either section may be left out (an SFT run has no rollout workers, an evaluation no learners).
+    Any group may be empty (an SFT run has no rollout workers, an evaluation no learners). `others`
+    (reward workers, a router trainer) need no placement group, but the check counts them too.
     """
 
-    def __init__(self, cfg: Optional[ClusterConfig] = None, learner: Optional["LearnerConfig"] = None,
-                 rollout: Optional["RolloutConfig"] = None, reward: Optional["RewardConfig"] = None):
+    def __init__(self, cfg: Optional[ClusterConfig] = None, learner: tuple[Bundle, ...] = (),
+                 rollout: tuple[Bundle, ...] = (), others: tuple[Bundle, ...] = ()):
         from ray.util.placement_group import placement_group
 
         self.cfg = cfg or ClusterConfig()
         if self.cfg.mode not in ClusterConfig.CHOICES["mode"]:
             raise ClusterResourceError(f"cluster.mode must be one of {', '.join(ClusterConfig.CHOICES['mode'])}, "
                                        f"got {self.cfg.mode!r}")
-        self.learner, self.rollout = learner, rollout
-        self.colocated = self.cfg.mode == "colocated" and learner is not None and rollout is not None
-        self.learner_gpu = learner is not None and learner_uses_gpu(learner)
-        if self.colocated and rollout.num_workers != learner.num_learners:
+        self.learner, self.rollout = list(learner), list(rollout)
+        self.colocated = self.cfg.mode == "colocated" and bool(learner) and bool(rollout)
+        if self.colocated and len(rollout) != len(learner):
             raise ClusterResourceError(f"cluster.mode=colocated pairs rollout worker i with learner i: "
-                                       f"rollout.num_workers ({rollout.num_workers}) must equal "
-                                       f"learner.num_learners ({learner.num_learners})")
-        if self.colocated and rollout.tensor_parallel_size > 1:
-            raise ClusterResourceError("cluster.mode=colocated needs rollout.tensor_parallel_size=1 (one GPU per pair)")
-
-        learner_keys = "learner.num_learners, learner.cpus_per_learner, learner.device, learner.node_resource"
-        rollout_keys = ("rollout.num_workers, rollout.cpus_per_worker, rollout.gpus_per_worker, "
-                        "rollout.node_resource")
-        self.learner_bundles: list[Bundle] = []
-        self.rollout_bundles: list[Bundle] = []
-        if learner is not None:
-            for i in range(learner.num_learners):
-                resources = learner_bundle(learner, self.learner_gpu)
-                if self.colocated:  # the pair shares the GPU: the bundle holds one, not two
-                    pair = {k: v for k, v in rollout_bundle(rollout).items() if k != "GPU"}
-                    self.learner_bundles.append(Bundle(_merge(resources, pair), f"learner {i} + rollout worker {i}",
-                                                       f"{learner_keys}, {rollout_keys}"))
-                else:
-                    self.learner_bundles.append(Bundle(resources, f"learner {i}", learner_keys))
-        if rollout is not None and not self.colocated:
-            self.rollout_bundles = [Bundle(rollout_bundle(rollout), f"rollout worker {i}", rollout_keys)
-                                    for i in range(rollout.num_workers)]
-        reward_bundles = []
-        if reward is not None:  # no placement group (stateless workers), but they must fit too
-            reward_keys = "reward.num_workers, reward.cpus_per_worker, reward.node_resource"
-            reward_bundles = [Bundle(reward_bundle(reward), f"reward worker {i}", reward_keys)
-                              for i in range(reward.num_workers)]
-        check_resources(self.learner_bundles + self.rollout_bundles + reward_bundles, self.cfg.resource_wait_s)
+                                       f"rollout.num_workers ({len(rollout)}) must equal "
+                                       f"learner.num_learners ({len(learner)})")
+        if self.colocated:  # bundle i holds the pair: their CPUs and labels add up, the GPU is one
+            self.learner_bundles = [Bundle(_merge(a.resources, {k: v for k, v in b.resources.items() if k != "GPU"}),
+                                           f"{a.owner} + {b.owner}", f"{a.keys}, {b.keys}") for a, b in zip(learner, rollout)]
+            self.rollout_bundles: list[Bundle] = []
+        else:
+            self.learner_bundles, self.rollout_bundles = list(learner), list(rollout)
+        check_resources(self.learner_bundles + self.rollout_bundles + list(others), self.cfg.resource_wait_s)
 
         self.groups = []
         self.learner_group = self._group(placement_group, self.learner_bundles, "PACK")
@@ -249,27 +195,21 @@ class Placement:
     # ------------------------------------------------------------------ actor options
 
     def learner_options(self, rank: int) -> dict[str, Any]:
-        cfg = self.learner
-        gpus = (COLOCATED_GPU_SHARE if self.colocated else 1.0) if self.learner_gpu else 0
-        return {"num_cpus": cfg.cpus_per_learner, "num_gpus": gpus, "resources": label_resources(cfg.node_resource),
-                "scheduling_strategy": self._strategy(self.learner_group, rank)}
+        return self._options(self.learner[rank], self.learner_group, rank)
 
     def rollout_options(self, rank: int) -> dict[str, Any]:
-        cfg = self.rollout
-        if self.colocated:
-            gpus = COLOCATED_GPU_SHARE if self.learner_gpu else 0
-            return {"num_cpus": cfg.cpus_per_worker, "num_gpus": gpus,
-                    "resources": label_resources(cfg.node_resource),
-                    "scheduling_strategy": self._strategy(self.learner_group, rank)}
-        return {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker,
-                "resources": label_resources(cfg.node_resource),
-                "scheduling_strategy": self._strategy(self.rollout_group, rank)}
+        group = self.learner_group if self.colocated else self.rollout_group
+        return self._options(self.rollout[rank], group, rank)
 
-    @staticmethod
-    def _strategy(group, rank: int):
+    def _options(self, bundle: Bundle, group, rank: int) -> dict[str, Any]:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        return PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
+        res = dict(bundle.resources)
+        cpus, gpus = res.pop("CPU", 0.0), res.pop("GPU", 0.0)
+        if self.colocated:  # the pair's one GPU, half each as Ray counts (the learner's GPU decides)
+            gpus = COLOCATED_GPU_SHARE if self.learner[rank].resources.get("GPU") else 0.0
+        return {"num_cpus": cpus, "num_gpus": gpus, "resources": res,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)}
 
     def describe(self) -> dict[str, Any]:
         return {"mode": self.cfg.mode, "learner_bundles": [_fmt(b.resources) for b in self.learner_bundles],
@@ -285,8 +225,3 @@ class Placement:
             except Exception:  # noqa: BLE001  already gone with the cluster
                 pass
         self.groups = []
-
-
-def reward_options(cfg: "RewardConfig") -> dict[str, Any]:
-    """Reward workers need no placement group: any node with free CPUs (and the label, if set)."""
-    return {"num_cpus": cfg.cpus_per_worker, "resources": label_resources(cfg.node_resource)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import logging
 import re
 import sys
 import typing
@@ -22,6 +23,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from home_rl.errors import ConfigError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- shared sections
@@ -87,7 +89,14 @@ def load_config(schema: type[T], argv: Optional[list[str]] = None, prog: Optiona
         cfg = _merge(cfg, dotlist, schema, source="command line")
     obj = OmegaConf.to_object(cfg)
     check_choices(obj)
-    return obj
+    return resolved(obj)
+
+
+def resolved(cfg: T) -> T:
+    """`cfg` with its derived settings filled in, for configs that define `resolve()` (where they are derived
+    is where the config is loaded, so that config.yaml and --help show what runs)."""
+    resolve = getattr(cfg, "resolve", None)
+    return resolve() if callable(resolve) else cfg
 
 
 def _fail(msg: str):
@@ -95,6 +104,7 @@ def _fail(msg: str):
 
 
 def _merge(cfg, other, schema: type, source: str):
+    other = OmegaConf.create(_move_keys(OmegaConf.to_container(other), schema, source))
     try:
         return OmegaConf.merge(cfg, other)
     except ConfigKeyError as e:
@@ -108,6 +118,26 @@ def _merge(cfg, other, schema: type, source: str):
         expected = _field_type_name(schema, key)
         raise ConfigError(f"bad value for {key!r} (from {source}): {e.msg.splitlines()[0]}"
                           + (f"; expected {expected}" if expected else "")) from None
+
+
+def _move_keys(node: Any, schema: type, source: str, prefix: str = "") -> Any:
+    """Keys that moved (a section's `MOVED` class variable: old name -> new dotted name) read as their new
+    place, with a warning that names both, so configs written for an earlier layout keep working."""
+    if not isinstance(node, dict) or not dataclasses.is_dataclass(schema):
+        return node
+    for old, new in getattr(schema, "MOVED", {}).items():
+        if old in node:
+            log.warning("config key %r (from %s) is now %r: read as that", prefix + old, source, prefix + new)
+            *parents, leaf = new.split(".")
+            target = node
+            for part in parents:
+                target = target.setdefault(part, {})
+            target[leaf] = node.pop(old)
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if f.name in node:
+            node[f.name] = _move_keys(node[f.name], hints.get(f.name, f.type), source, f"{prefix}{f.name}.")
+    return node
 
 
 def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
@@ -213,7 +243,7 @@ def field_comments(cls: type) -> dict[str, str]:
 
 
 def help_text(schema: type, prog: str) -> str:
-    rows = list(iter_fields(schema))
+    rows = list(iter_fields(resolved(schema())))  # the defaults as they run, derived settings included
     width = max((len(k) for k, *_ in rows), default=10)
     lines = [f"usage: {prog} [--config FILE.yaml] [key.sub=value ...]", "", "Every key, its default and what it does:"]
     for key, tname, default, comment in rows:

@@ -6,11 +6,14 @@ the same steps, so the loss curve continues from the saved step without a fork.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import time
+from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,33 @@ class MetricsLogger:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class PhaseTimer:
+    """Seconds per named phase of a step (a phase entered twice adds up), as `timing/<phase>_s` metrics.
+
+        timer = PhaseTimer()
+        with timer("rollout"): ...
+        metrics.update(timer.metrics())      # {"timing/rollout_s": ..., "timing/step_s": since the timer was made}
+    """
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def metrics(self) -> dict[str, float]:
+        return {**{f"timing/{k}_s": v for k, v in self.seconds.items()}, "timing/step_s": self.elapsed()}
 
 
 def _plain(value):

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Dict, Iterable, List, Mapping
 from omegaconf import MISSING
 
 from home_rl.errors import ConfigError
+from home_rl.resources import Resources, resources_field
 from reward.registry import label_of
 
 
@@ -47,8 +48,7 @@ def default_sources() -> Dict[str, List[VerifierEntry]]:
 @dataclasses.dataclass
 class RewardConfig:
     num_workers: int = 2  # reward worker actors (Ray) scoring a batch in parallel
-    cpus_per_worker: float = 1.0  # logical CPUs each reward worker asks Ray for
-    node_resource: str = ""  # custom Ray resource marking the nodes reward workers may use; "": any node
+    resources: Resources = resources_field()  # what each reward worker asks Ray for: cpus, node_resource (a sandbox process per worker runs the verifiers)
     timeout_s: float = 5.0  # hard limit per sample and verifier (batched verifiers: per sample in the call); past it the sample scores 0
     percent_as_fraction: bool = False  # math: a percentage also reads as a fraction (50\% matches 0.5, and still 50)
     ocr_metric: str = "exact"  # ocr: exact (normalised exact match) | anls (edit-distance similarity)
@@ -56,6 +56,7 @@ class RewardConfig:
     sources: Dict[str, List[VerifierEntry]] = dataclasses.field(default_factory=default_sources)  # data_source -> weighted verifiers
 
     CHOICES: ClassVar[dict] = {"ocr_metric": ("exact", "anls")}
+    MOVED: ClassVar[dict] = {"cpus_per_worker": "resources.cpus", "node_resource": "resources.node_resource"}
 
     def __post_init__(self):
         # OmegaConf 2.3 leaves the entries of a *new* sources key as plain dicts: make them VerifierEntry.

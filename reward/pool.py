@@ -17,7 +17,7 @@ import sys
 import time
 from collections import Counter
 
-from home_rl.errors import ConfigError
+from home_rl.errors import ConfigError, ray_get
 from reward.config import RewardConfig, check_reward_config, validate_sources
 from reward.registry import absolute_spec, get_verifier, is_batched, is_user_registered
 from reward.sandbox import Sandbox
@@ -58,11 +58,9 @@ class RewardPool:
                    for source, entries in cfg.sources.items()}
         self.cfg = dataclasses.replace(cfg, sources=sources)
         setup = {"sys_path": list(sys.path), "verifiers": _verifier_refs(self.cfg)}
-        from home_rl.cluster import reward_options
-
-        worker = ray.remote(RewardWorker).options(**reward_options(cfg))
+        worker = ray.remote(RewardWorker).options(**cfg.resources.actor_options())
         self.workers = [worker.remote(self.cfg, setup) for _ in range(cfg.num_workers)]
-        ray.get([w.ready.remote() for w in self.workers])  # a sandbox that cannot start fails here, not mid-run
+        ray_get([w.ready.remote() for w in self.workers])  # a sandbox that cannot start fails here, not mid-run
         self.failure_totals: Counter = Counter()
         self._logged: set[tuple[str, str]] = set()
 
@@ -72,14 +70,12 @@ class RewardPool:
 
     def score(self, samples: list[dict]) -> tuple[list[dict], dict[str, float]]:
         """Score `samples` in parallel; results come back in the order of `samples`."""
-        import ray
-
         start = time.perf_counter()
         cleaned = [clean_sample(s, i) for i, s in enumerate(samples)]
         validate_sources(self.cfg, {s["data_source"] for s in cleaned})
         chunks = _split(cleaned, len(self.workers))
         refs = [w.score.remote(chunk) for w, chunk in zip(self.workers, chunks) if chunk]
-        results = [r for chunk_results in ray.get(refs) for r in chunk_results]
+        results = [r for chunk_results in ray_get(refs) for r in chunk_results]
         self._count_failures(results)
         metrics = summarize(results) if results else {}
         metrics["reward/samples_per_s"] = len(results) / max(time.perf_counter() - start, 1e-9)

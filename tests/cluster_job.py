@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_grpo_think import tiny_config  # noqa: E402
 
+from home_rl.resources import Resources  # noqa: E402
+
 
 def actor_nodes() -> dict[str, list[str]]:
     """Node id of every alive actor, per class name, read back from Ray's state API."""
@@ -42,7 +44,7 @@ def main(home: str, out: str) -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     nodes = {"learner": ray.get_runtime_context().get_node_id(), "rollout": rollout_node.node_id}
     report: dict = {"nodes": nodes}
-    labels = dict(learner__node_resource="learner", rollout__node_resource="rollout")
+    labels = dict(learner__resources=Resources(node_resource="learner"), rollout__resources=Resources(node_resource="rollout"))
     try:
         trainer = GRPOThinkTrainer(tiny_config(Path(home), Path(out), steps=2, **labels))
         try:

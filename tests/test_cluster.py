@@ -12,10 +12,12 @@ import pytest
 import torch
 import yaml
 
-from home_rl.cluster import Bundle, ClusterConfig, ClusterResourceError, Placement, shortage
+from home_rl.cluster import Bundle, ClusterConfig, ClusterResourceError, shortage
 from home_rl.learner.config import LearnerConfig
+from home_rl.resources import Resources
 from home_rl.model import upcycle
 from home_rl.rollout import RolloutConfig, RolloutPool
+from home_rl.trainer.startup import job_placement
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,23 +38,23 @@ def test_shortage_names_what_is_missing():
 def test_a_config_the_cluster_cannot_host_fails_fast_naming_the_resources(ray_local):
     groups_before = set(ray_local.util.placement_group_table())
     with pytest.raises(ClusterResourceError) as error:
-        Placement(ClusterConfig(resource_wait_s=2), learner=LearnerConfig(num_learners=2, device="cuda"),
-                  rollout=RolloutConfig(num_workers=3, gpus_per_worker=2, node_resource="rollout"))
+        job_placement(ClusterConfig(resource_wait_s=2), learner=LearnerConfig(num_learners=2, device="cuda"),
+                      rollout=RolloutConfig(num_workers=3, resources=Resources(gpus=2, node_resource="rollout")))
     message = str(error.value)
     assert "waited 2 s" in message  # failed after resource_wait_s, not after a placement group timed out
     assert "GPU: no node has it" in message and "rollout: no node has it" in message
-    assert "rollout.gpus_per_worker" in message and "learner.device" in message
+    assert "rollout.resources.gpus" in message and "learner.device" in message
     with pytest.raises(ClusterResourceError, match="must equal learner.num_learners"):
-        Placement(ClusterConfig(mode="colocated"), learner=LearnerConfig(num_learners=2),
-                  rollout=RolloutConfig(num_workers=1))
+        job_placement(ClusterConfig(mode="colocated"), learner=LearnerConfig(num_learners=2),
+                      rollout=RolloutConfig(num_workers=1))
     assert set(ray_local.util.placement_group_table()) == groups_before  # nothing was reserved
 
 
 def test_colocated_pairs_share_a_bundle(ray_local):
     import ray
 
-    placement = Placement(ClusterConfig(mode="colocated"), learner=LearnerConfig(num_learners=2, device="cpu"),
-                          rollout=RolloutConfig(num_workers=2, cpus_per_worker=0.5))
+    placement = job_placement(ClusterConfig(mode="colocated"), learner=LearnerConfig(num_learners=2, device="cpu"),
+                              rollout=RolloutConfig(num_workers=2, resources=Resources(cpus=0.5)))
     try:
         assert placement.rollout_group is None and placement.learner_group is not None
         table = ray.util.placement_group_table(placement.learner_group)
@@ -74,7 +76,8 @@ def test_the_job_cli_fails_before_any_actor_starts_on_missing_resources(tiny_mod
                            "rollout.gpus_per_worker=8"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "GPU: no node has it" in proc.stderr and "rollout.gpus_per_worker" in proc.stderr
+    assert "GPU: no node has it" in proc.stderr and "rollout.resources.gpus" in proc.stderr
+    assert "'rollout.gpus_per_worker' (from command line) is now 'rollout.resources.gpus'" in proc.stderr  # old key
     assert "waited 10 s: cluster.resource_wait_s" in proc.stderr
     assert "Traceback" not in proc.stderr
     # the rollout pool exports the think view before its engines start: the check came first
@@ -173,4 +176,4 @@ def test_production_config_loads_with_its_placement():
     cfg = load_config(GRPOThinkConfig, ["--config", str(REPO / "recipes/configs/qwen2_5_vl_7b_8gpu.yaml"),
                                         "--config", str(REPO / "recipes/configs/two_nodes.yaml")])
     assert cfg.cluster.mode in ("disaggregated", "colocated")
-    assert cfg.rollout.node_resource == "rollout" and cfg.learner.node_resource == "learner"
+    assert cfg.rollout.resources.node_resource == "rollout" and cfg.learner.resources.node_resource == "learner"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from home_rl.errors import ConfigError
+from home_rl.resources import Resources
 from reward import RewardConfig, RewardPool, VerifierEntry, get_verifier, register_verifier
 
 FIXTURES = Path(__file__).parent / "fixtures_reward"
@@ -77,7 +78,7 @@ def entry_point_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(ray_local, entry_point_dir):
-    cfg = RewardConfig(num_workers=2, cpus_per_worker=0.5, timeout_s=TIMEOUT_S)
+    cfg = RewardConfig(num_workers=2, resources=Resources(cpus=0.5), timeout_s=TIMEOUT_S)
     cfg.sources.update({
         "file": [VerifierEntry(f"{FIXTURES / 'keyword_verifier.py'}:mentions_keyword")],
         "entry": [VerifierEntry("shout")],

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from home_rl.errors import ConfigError, ModelError
+from home_rl.resources import Resources
 from home_rl.rollout import (RolloutConfig, RolloutInputError, RolloutPool, check_rollout_config, iter_buckets,
                              logprob_agreement, recompute_logprobs, split_batch)
 from home_rl.rollout.engine_ext import missing_fused_parts
@@ -21,7 +22,7 @@ MAX_NEW = 16
 
 def tiny_cfg(**overrides) -> RolloutConfig:
     base = dict(num_workers=2, n=4, dtype="float32", max_model_len=128, max_response_tokens=MAX_NEW,
-                kv_cache_gib=0.25, threads_per_worker=1, cpus_per_worker=1, seed=0, update_bucket_mb=1)
+                kv_cache_gib=0.25, resources=Resources(cpus=1, threads=1), seed=0, update_bucket_mb=1)
     return RolloutConfig(**{**base, **overrides})
 
 

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any, ClassVar, List
 
 from home_rl.errors import ConfigError
+from home_rl.resources import Resources, resources_field
 
 
 @dataclasses.dataclass
@@ -29,12 +30,12 @@ class LearnerConfig:
     frozen_copies: List[str] = dataclasses.field(default_factory=list)  # frozen expert copies added before training, as NAME=EXPERT (e.g. ref=think for a KL reference); left out of saved checkpoints
     device: str = "auto"  # auto (GPUs when the Ray cluster has one per learner, else CPU) | cpu | cuda
     backend: str = "auto"  # torch.distributed backend: auto (nccl on GPU, gloo on CPU) | gloo | nccl
-    cpus_per_learner: float = 1.0  # logical Ray CPUs each learner actor asks for
-    threads_per_learner: int = 0  # torch threads per learner (0: cpus_per_learner, at least 1)
-    node_resource: str = ""  # custom Ray resource marking the nodes learners may use (e.g. learner); "": any node
+    resources: Resources = resources_field()  # what each learner actor asks Ray for: cpus, gpus, threads, node_resource
 
     CHOICES: ClassVar[dict] = {"zero_stage": (0, 1, 2, 3), "lr_schedule": ("constant", "cosine", "linear"),
                                "device": ("auto", "cpu", "cuda"), "backend": ("auto", "gloo", "nccl")}
+    MOVED: ClassVar[dict] = {"cpus_per_learner": "resources.cpus", "threads_per_learner": "resources.threads",
+                             "node_resource": "resources.node_resource"}
 
     def __post_init__(self):
         if self.num_learners < 1:
@@ -48,6 +49,14 @@ class LearnerConfig:
             name, _, expert = item.partition("=")
             if not name or not expert:
                 raise ConfigError(f"learner.frozen_copies entries are NAME=EXPERT (e.g. ref=think), got {item!r}")
+
+
+    def gpus_per_learner(self, cluster_gpus: float) -> float:
+        """GPUs each learner asks for: resources.gpus when set, else learner.device decides (auto: one each
+        when the cluster has one per learner; a cuda shortage is reported by the resource check)."""
+        if self.resources.gpus or self.device == "cpu":
+            return self.resources.gpus
+        return 1.0 if self.device == "cuda" or cluster_gpus >= self.num_learners else 0.0
 
 
 PRESETS = {

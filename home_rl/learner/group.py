@@ -1,7 +1,7 @@
 """LearnerGroup: L learner actors in a Ray placement group, forming one DeepSpeed data-parallel group.
 
-The placement group comes from `home_rl.cluster.Placement` (made here for the learners alone, or
-passed in by a job that places its rollout workers too).
+A job passes its placement (home_rl.cluster.Placement, made by the driver) to put each rank in its
+bundle; without one the actors ask for `learner.resources` wherever Ray finds them.
 
 Rank 0 picks the rendezvous address and port; every rank joins. Each call splits its batch over
 the ranks (similar token counts), tells every rank how many micro-batches to run (the same
@@ -22,9 +22,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from home_rl.cluster import Placement
 from home_rl.config import to_dict
-from home_rl.errors import HomeRLError
+from home_rl.errors import ray_get as _get
 from home_rl.learner.batch import Sequence, split_for_ranks
 from home_rl.learner.config import LearnerConfig
 from home_rl.learner.worker import LearnerWorker
@@ -35,19 +34,22 @@ _SHARED_METRICS = ("grad_norm", "lr", "step")
 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, model_path: str, dtype: str = "bfloat16", total_steps: int = 1,
-                 placement: Optional[Placement] = None):
+                 placement: Any = None):
         import ray
 
         self.cfg = cfg
         self.world_size = cfg.num_learners
-        self.own_placement = placement is None
-        self.placement = placement or Placement(learner=cfg)
-        threads = cfg.threads_per_learner or max(1, int(cfg.cpus_per_learner))
+        if placement is not None:
+            options = [placement.learner_options(i) for i in range(self.world_size)]
+        else:
+            gpus = cfg.gpus_per_learner(ray.cluster_resources().get("GPU", 0))
+            options = [cfg.resources.actor_options(gpus)] * self.world_size
+        threads = cfg.resources.num_threads()
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        if not self.placement.learner_gpu:
+        if not options[0]["num_gpus"]:
             env["DS_ACCELERATOR"] = "cpu"
         actor = ray.remote(LearnerWorker)
-        self.actors = [actor.options(**self.placement.learner_options(i), runtime_env={"env_vars": env})
+        self.actors = [actor.options(**options[i], runtime_env={"env_vars": env})
                        .remote(i, self.world_size, to_dict(cfg), threads) for i in range(self.world_size)]
         addr, port = ray.get(self.actors[0].address.remote())
         try:
@@ -147,18 +149,4 @@ class LearnerGroup:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
-        if self.own_placement:
-            self.placement.shutdown()
-
-
-def _get(refs: list) -> list:
-    """ray.get, with a user error raised inside an actor (bad config, bad model) re-raised as itself."""
-    import ray
-
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, HomeRLError):
-            raise e.cause from None
-        raise
 

@@ -24,7 +24,8 @@ from torch import nn
 from home_rl.errors import ModelError
 from home_rl.model.architectures import (Architecture, architecture_of, decoder_layers, model_class,
                                          read_config_json, text_config)
-from home_rl.model.hybrid_mlp import EXPERTS, FAST, THINK, HybridMLP, Route
+from home_rl.experts import EXPERTS, FAST, THINK
+from home_rl.model.hybrid_mlp import HybridMLP, Route
 from home_rl.model.router import Router, pool
 
 HOME_KEY = "home"  # the section of config.json that makes a folder a HOME checkpoint

@@ -11,7 +11,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from home_rl.experts import EXPERTS, FAST, THINK  # noqa: F401  (re-exported by home_rl.model)
+from home_rl.experts import FAST, THINK
 
 # A route: one expert name for every row, or a LongTensor [batch] of indices into HybridMLP.names.
 Route = Union[str, torch.Tensor]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from home_rl.model.hybrid_mlp import EXPERTS
+from home_rl.experts import EXPERTS
 
 
 class Router(nn.Module):

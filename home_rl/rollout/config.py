@@ -7,7 +7,7 @@
       max_response_tokens: 128
 
 The same fields serve vLLM's CPU build (this machine: threads, KV-cache GiB) and its CUDA build
-on clusters (tensor_parallel_size, gpu_memory_utilization, gpus_per_worker); fields that do not
+on clusters (tensor_parallel_size, gpu_memory_utilization, resources.gpus); fields that do not
 apply to the platform at hand are ignored by it.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import dataclasses
 from typing import ClassVar, List
 
 from home_rl.errors import ConfigError
+from home_rl.resources import Resources, resources_field
 
 
 @dataclasses.dataclass
@@ -36,16 +37,13 @@ class RolloutConfig:
     enable_prefix_caching: bool = True  # share the KV cache of a prompt's n samples (reset after every weight update)
     max_num_seqs: int = 256  # most sequences one engine step batches together
     kv_cache_gib: float = 2.0  # KV-cache memory per worker in GiB (CPU build: VLLM_CPU_KVCACHE_SPACE; also caps it on GPUs), 0: let vLLM size it
-    threads_per_worker: int = 0  # CPU build: torch/OpenMP threads per worker (0: the machine's cores / num_workers)
     cpu_threads_bind: str = ""  # CPU build, multiprocess engine only: VLLM_CPU_OMP_THREADS_BIND (e.g. "0-3", "auto"; "": vLLM's default)
     gpu_memory_utilization: float = 0.85  # CUDA build: fraction of GPU memory vLLM may take (weights + KV cache)
     tensor_parallel_size: int = 1  # CUDA build: GPUs one engine shards the model over
-    cpus_per_worker: float = 1.0  # logical CPUs each worker actor asks Ray for
-    gpus_per_worker: float = 0.0  # GPUs each worker actor asks Ray for (set to tensor_parallel_size on GPU clusters)
     in_process_engine: bool = True  # run the engine inside the actor (VLLM_ENABLE_V1_MULTIPROCESSING=0); false: vLLM's own engine process (needed for tensor_parallel_size > 1)
     limit_images_per_prompt: int = 4  # most images one prompt may carry (vLLM sizes its multimodal buffers by it)
     update_bucket_mb: int = 256  # weight updates travel in buckets of at most this many MB (no step holds a whole model copy)
-    node_resource: str = ""  # custom Ray resource marking the nodes rollout workers may use (e.g. rollout); "": any node
+    resources: Resources = resources_field()  # what each worker actor asks Ray for (gpus: tensor_parallel_size on GPU clusters; threads 0: the machine's cores / num_workers)
     sleep_during_updates: bool = False  # CUDA build: offload the engine's weights and drop its KV cache while learners update (set by cluster.mode=colocated)
     max_restarts: int = 3  # a worker that dies is restarted and its share re-issued, at most this many times per call
 
@@ -54,6 +52,8 @@ class RolloutConfig:
         "dtype": ("float32", "bfloat16", "float16"),
         "logprobs_mode": ("raw_logprobs", "processed_logprobs"),
     }
+    MOVED: ClassVar[dict] = {"cpus_per_worker": "resources.cpus", "gpus_per_worker": "resources.gpus",
+                             "threads_per_worker": "resources.threads", "node_resource": "resources.node_resource"}
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -82,8 +82,8 @@ def check_rollout_config(cfg: RolloutConfig) -> None:
         raise ConfigError(f"rollout.top_k must be -1 (off) or at least 1, got {cfg.top_k}")
     if cfg.max_restarts < 0:
         raise ConfigError(f"rollout.max_restarts must be >= 0, got {cfg.max_restarts}")
-    if cfg.kv_cache_gib < 0 or cfg.threads_per_worker < 0:
-        raise ConfigError("rollout.kv_cache_gib and rollout.threads_per_worker must be >= 0")
+    if cfg.kv_cache_gib < 0:
+        raise ConfigError("rollout.kv_cache_gib must be >= 0")
     if cfg.tensor_parallel_size > 1 and cfg.in_process_engine:
         raise ConfigError("rollout.tensor_parallel_size > 1 needs rollout.in_process_engine=false "
                           "(the engine then runs its own worker processes)")

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 
 from home_rl.errors import HomeRLError
+from home_rl.errors import ray_get as _get  # noqa: I001  (short name: called on every worker call)
 from home_rl.rollout.config import RolloutConfig, check_rollout_config
 from home_rl.rollout.inputs import as_vllm_prompt
 from home_rl.rollout.types import RolloutResult, Sample
@@ -72,15 +73,13 @@ def worker_seed(seed: int, rank: int) -> int:
 class RolloutPool:
     def __init__(self, model_path: str, cfg: RolloutConfig, placement: Any = None,
                  weights_source: Optional[WeightsSource] = None):
-        """`placement`: a home_rl.cluster.Placement holding the workers' bundles (None: the pool makes
-        its own). `weights_source`: what a restarted worker loads after the view on disk, once
-        update_weights has run (without one, a worker lost after an update cannot be replaced)."""
-        from home_rl.cluster import Placement
-
+        """`placement`: the job's home_rl.cluster.Placement holding the workers' bundles (None: each worker
+        asks for rollout.resources wherever Ray finds them). `weights_source`: what a restarted worker loads
+        after the view on disk, once update_weights has run (without one, a worker lost after an update
+        cannot be replaced)."""
         check_rollout_config(cfg)
         self.cfg, self.model_path = cfg, str(model_path)
-        self.own_placement = placement is None
-        self.placement = placement or Placement(rollout=cfg)
+        self.placement = placement
         self.weights_source = weights_source
         self.version = 0
         self.restarts = 0
@@ -90,7 +89,8 @@ class RolloutPool:
     def _start(self, rank: int):
         import ray
 
-        actor = ray.remote(RolloutWorker).options(**self.placement.rollout_options(rank),
+        options = self.placement.rollout_options(rank) if self.placement else self.cfg.resources.actor_options()
+        actor = ray.remote(RolloutWorker).options(**options,
                                                    runtime_env={"env_vars": engine_env(self.cfg)})
         return actor.remote(self.model_path, self.cfg, rank)
 
@@ -255,18 +255,4 @@ class RolloutPool:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
-        if self.own_placement:
-            self.placement.shutdown()
 
-
-def _get(refs):
-    """ray.get that re-raises a worker's user-facing error (bad prompt, bad weights) as itself."""
-    import ray
-
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, HomeRLError):
-            raise cause from None
-        raise

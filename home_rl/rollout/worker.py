@@ -28,7 +28,7 @@ SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_response_tokens", "stop")
 
 
 def threads_per_worker(cfg: RolloutConfig) -> int:
-    return cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+    return cfg.resources.num_threads(default=max(1, (os.cpu_count() or 1) // cfg.num_workers))
 
 
 def engine_env(cfg: RolloutConfig) -> dict[str, str]:

@@ -1,10 +1,11 @@
-"""The router stage: labels from rollouts of both experts, the router trainer, and the hybrid evaluation.
+"""The router's side of the router stage: the label rule, the router's features, its fit and its trainer actor.
 
     home_rl.router.labels     the label rule and per-prompt stats (pure)
     home_rl.router.features   pooled prompt features through HomeModel.router_features
     home_rl.router.trainer    fit_router (CE on expected-gain or 0/1 targets, validation split, early stopping) and the RouterTrainer actor
-    home_rl.trainer.router_stage      train_router(cfg): the driver of recipes/train_router.py
-    home_rl.trainer.evaluate   evaluate(cfg): the driver of recipes/evaluate.py, and the report
+
+The drivers that use them live in home_rl/trainer/: router_stage.py (recipes/train_router.py) and
+evaluate.py (recipes/evaluate.py).
 """
 from home_rl.router.config import (EvaluateConfig, LabelConfig, RouterActorConfig, RouterStageConfig,
                                    RouterTrainConfig, SyntheticMixConfig, TypeRouterConfig)

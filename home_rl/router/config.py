@@ -6,6 +6,8 @@ from typing import ClassVar, List
 
 from data_pipelines import DataConfig
 from home_rl.errors import ConfigError
+from home_rl.experts import EXPERTS, FAST
+from home_rl.resources import Resources, resources_field
 from home_rl.rollout.config import RolloutConfig
 from reward import RewardConfig
 
@@ -77,13 +79,12 @@ class RouterTrainConfig:
 
 @dataclasses.dataclass
 class RouterActorConfig:
-    cpus: float = 1.0  # logical Ray CPUs of the router trainer actor (it holds the HOME model)
-    gpus: float = 0.0  # GPUs of the router trainer actor (1 on GPU clusters: the features run on it)
-    threads: int = 0  # torch threads of the actor (0: cpus, at least 1)
+    resources: Resources = resources_field()  # what the router trainer actor (it holds the HOME model) asks Ray for; gpus 1 on GPU clusters: the features run on it
     feature_batch_size: int = 8  # prompts per no-grad forward pass when computing router features
-    template: str = "fast"  # which expert's rendering of a prompt the router reads (Stage-SFT's sft.router_template)
+    template: str = FAST  # which expert's rendering of a prompt the router reads (Stage-SFT's sft.router_template)
 
-    CHOICES: ClassVar[dict] = {"template": ("fast", "think")}
+    CHOICES: ClassVar[dict] = {"template": EXPERTS}
+    MOVED: ClassVar[dict] = {"cpus": "resources.cpus", "gpus": "resources.gpus", "threads": "resources.threads"}
 
 
 @dataclasses.dataclass

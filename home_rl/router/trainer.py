@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from home_rl.errors import HomeRLError
 from home_rl.experts import EXPERTS
 from home_rl.model.router import Router
+from home_rl.resources import Resources
 from home_rl.router.config import RouterTrainConfig
 from home_rl.router.features import compute_features
 
@@ -286,11 +287,11 @@ class RouterTrainer:
         return str(self.home.save_pretrained(out_dir))
 
 
-def start_router_trainer(checkpoint: str, cpus: float, gpus: float, threads: int) -> Any:
+def start_router_trainer(checkpoint: str, resources: Resources) -> Any:
     """The RouterTrainer actor on the running Ray cluster (CUDA when it is given a GPU)."""
     import ray
 
-    threads = threads or max(1, int(cpus))
-    actor = ray.remote(RouterTrainer).options(num_cpus=cpus, num_gpus=gpus,
+    threads = resources.num_threads()
+    actor = ray.remote(RouterTrainer).options(**resources.actor_options(),
                                               runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
-    return actor.remote(checkpoint, threads, "cuda" if gpus > 0 else "cpu")
+    return actor.remote(checkpoint, threads, "cuda" if resources.gpus > 0 else "cpu")

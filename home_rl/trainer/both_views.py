@@ -14,13 +14,15 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from data_pipelines import DataConfig, render_prompt
 from home_rl.rollout.config import RolloutConfig
 from home_rl.experts import FAST, THINK
 from home_rl.router.labels import ExpertStats, expert_stats
-from home_rl.trainer.startup import reward_inputs
+from home_rl.resources import Resources
+from home_rl.trainer.startup import ensure_ray, job_placement, reward_inputs
+from reward.config import RewardConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,59 @@ class BothExperts:
     timing: dict[str, float]  # seconds: view export, weight swap, rollout and scoring per expert
 
 
+class ViewsRun:
+    """The actors of a run in which both views answer (the router stage, the evaluation): placed and checked
+    up front, the router trainer actor holding the HOME checkpoint, and a reward pool once `answer` scores.
+
+        with ViewsRun(checkpoint, cfg.rollout, cfg.reward, cfg.actor.resources, out / "views") as run:
+            info = ray.get(run.trainer.info.remote())
+            both = run.answer(rows, processor, cfg.data, cfg.seed)
+    """
+
+    def __init__(self, checkpoint: Path, rollout: Optional[RolloutConfig], reward: RewardConfig, actor: Resources,
+                 views_dir: Path):
+        """`rollout` None: no view answers (the router stage fitting given labels), no rollout worker is placed."""
+        from home_rl.cluster import ClusterConfig
+        from home_rl.router.trainer import start_router_trainer
+
+        self.rollout_cfg, self.reward_cfg, self.views_dir = rollout, reward, views_dir
+        workers = rollout.num_workers * rollout.resources.cpus if rollout else 0
+        ensure_ray(workers + reward.num_workers * reward.resources.cpus + actor.cpus)
+        self.placement = job_placement(ClusterConfig(), rollout=rollout, reward=reward,
+                                       others=[("router trainer", actor, "actor")])
+        self.rewards = None
+        try:
+            self.trainer = start_router_trainer(str(checkpoint), actor)
+        except BaseException:
+            self.placement.shutdown()
+            raise
+
+    def answer(self, rows: Sequence[dict], processor: Any, data_cfg: DataConfig, seed: int) -> "BothExperts":
+        """Both views' scored samples for every row (the reward pool checks the rows' sources first)."""
+        from reward import RewardPool
+
+        assert self.rollout_cfg is not None, "ViewsRun(rollout=None) places no rollout workers"
+        self.rewards = self.rewards or RewardPool(self.reward_cfg)
+        self.rewards.validate_sources({r["data_source"] for r in rows})
+        return rollout_both(self.trainer, rows, processor, data_cfg, self.rollout_cfg, self.rewards, self.views_dir,
+                            seed, placement=self.placement)
+
+    def __enter__(self) -> "ViewsRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        if self.rewards is not None:
+            self.rewards.shutdown()
+        ray.kill(self.trainer)
+        self.placement.shutdown()
+        shutil.rmtree(self.views_dir, ignore_errors=True)
+
+
 def rollout_both(trainer: Any, rows: Sequence[dict], processor: Any, data_cfg: DataConfig, rollout_cfg: RolloutConfig,
-                 rewards: Any, views_dir: Path, seed: int = 0, experts: Sequence[str] = (FAST, THINK)) -> BothExperts:
+                 rewards: Any, views_dir: Path, seed: int = 0, experts: Sequence[str] = (FAST, THINK),
+                 placement: Any = None) -> BothExperts:
     """n samples per prompt from each expert's view, scored; `trainer` is a RouterTrainer actor (it exports the views)."""
     import ray
 
@@ -48,7 +101,7 @@ def rollout_both(trainer: Any, rows: Sequence[dict], processor: Any, data_cfg: D
     t0 = time.perf_counter()
     view = ray.get(trainer.export_view.remote(experts[0], str(Path(views_dir) / experts[0])))
     timing["export_s"] = time.perf_counter() - t0
-    pool = RolloutPool(view, rollout_cfg)
+    pool = RolloutPool(view, rollout_cfg, placement)
     try:
         for version, expert in enumerate(experts):
             t1 = time.perf_counter()

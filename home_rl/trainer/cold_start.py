@@ -24,7 +24,9 @@ import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
+from home_rl.experts import FAST, THINK
 from home_rl.model.embedded import cache_dir
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,8 @@ RATIO = {"math": 0.5, "arith": 0.25, "extract": 0.25}  # the held-out mix: text 
 # Training sequences per (template, family, math levels); 528 in all, 16 per step: 33 steps (more
 # updates beat bigger batches here), in micro-batches of 4 sorted by length (little padding). The
 # fast template gets the most arithmetic: a direct sum must be recalled, the worked one is written out.
-TRAIN_PLAN = (("think", "math", (1, 2, 3, 4, 5, 6), 192), ("think", "arith", None, 48), ("think", "extract", None, 48),
-              ("fast", "arith", None, 160), ("fast", "extract", None, 80))
+TRAIN_PLAN = ((THINK, "math", (1, 2, 3, 4, 5, 6), 192), (THINK, "arith", None, 48), (THINK, "extract", None, 48),
+              (FAST, "arith", None, 160), (FAST, "extract", None, 80))
 ROWS_PER_STEP = 16
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 
@@ -48,13 +50,14 @@ def cold_start_config(name: str, data_path: Path, output_dir: Path):
     from data_pipelines import DataConfig
     from home_rl.config import ModelConfig
     from home_rl.learner.config import LearnerConfig
+    from home_rl.resources import Resources
     from home_rl.trainer.config import TrainerConfig
     from home_rl.trainer.sft import SFTConfig, SFTOptions
 
     return SFTConfig(
         model=ModelConfig(path=name, dtype="bfloat16"),
         data=DataConfig(path=str(data_path), prompts_per_step=ROWS_PER_STEP, seed=TRAIN_SEED),
-        learner=LearnerConfig(num_learners=1, cpus_per_learner=1, threads_per_learner=os.cpu_count() or 1,
+        learner=LearnerConfig(num_learners=1, resources=Resources(cpus=1, threads=os.cpu_count() or 1),
                               lr=1e-4, warmup_steps=3, lr_schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
                               micro_batch_size=4),
         trainer=TrainerConfig(total_steps=sum(n for *_, n in TRAIN_PLAN) // ROWS_PER_STEP, save_every=8, log_every=1),
@@ -67,11 +70,21 @@ def cold_start_recipe(name: str) -> dict:
     from home_rl.config import to_dict
 
     sft = to_dict(cold_start_config(name, Path("DATA"), Path("OUT")))
-    for key in ("threads_per_learner", "cpus_per_learner", "micro_batch_size"):  # how fast, not what
+    for key in ("resources", "micro_batch_size"):  # where and how fast, not what
         sft["learner"].pop(key)
     rows = hashlib.sha256(json.dumps(train_rows()).encode()).hexdigest()  # a change of the generators rebuilds too
     recipe = {"plan": TRAIN_PLAN, "seed": TRAIN_SEED, "rows_sha256": rows, "sft": sft}
     return json.loads(json.dumps(recipe))  # as the stamp file reads back (tuples become lists)
+
+
+def _same_recipe(stamped: Optional[dict], recipe: dict) -> bool:
+    """Whether a cached build was made with `recipe`. Builds stamped before the learner's resources moved into
+    `learner.resources` carry its `node_resource` (where, not what): it decides nothing, so it is not compared."""
+    if stamped is None:
+        return False
+    stamped = json.loads(json.dumps(stamped))
+    stamped.get("sft", {}).get("learner", {}).pop("node_resource", None)
+    return stamped == recipe
 
 
 def train_rows() -> list[dict]:
@@ -104,11 +117,11 @@ def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
     stamp = out.with_name(out.name + ".json")  # the recipe and timings of the cached build
     recipe = cold_start_recipe(name)
     if not force and (out / "config.json").is_file() and stamp.is_file():
-        if json.loads(stamp.read_text()).get("recipe") == recipe:
+        if _same_recipe(json.loads(stamp.read_text()).get("recipe"), recipe):
             return out
         log.info("the cached cold start %s was built with another recipe: rebuilding", out)
     work = cache_dir() / "cold_start" / name
-    if force or not (work / "recipe.json").is_file() or json.loads((work / "recipe.json").read_text()) != recipe:
+    if force or not (work / "recipe.json").is_file() or not _same_recipe(json.loads((work / "recipe.json").read_text()), recipe):
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     (work / "recipe.json").write_text(json.dumps(recipe))
@@ -158,7 +171,7 @@ def evaluate_templates(home_dir: Path, rows: list[dict], temperature: float = 1.
     fmt = get_verifier("format")
     report: dict = {}
     try:
-        for expert in ("think", "fast"):
+        for expert in (THINK, FAST):
             prompts = [render_prompt(r, expert, processor, DataConfig()) for r in rows]
             result = worker.generate(prompts, seed=seed)
             per_family: dict = defaultdict(lambda: {"n": 0, "well_formed": 0, "correct": 0})

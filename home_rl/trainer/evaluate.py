@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -29,9 +28,9 @@ from home_rl.router.config import DEFAULT_CHECKPOINT, EvaluateConfig
 from home_rl.experts import EXPERT_INDEX, EXPERTS, FAST, THINK, row_type
 from home_rl.router.features import router_inputs
 from home_rl.router.labels import ExpertStats, derive_label
-from home_rl.router.trainer import start_router_trainer
 from home_rl.trainer.router_data import load_rows, synthetic_mix
-from home_rl.trainer.startup import ensure_ray, load_processor, resolve_home_checkpoint
+from home_rl.trainer.both_views import ViewsRun
+from home_rl.trainer.startup import load_processor, resolve_home_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -172,24 +171,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     type_rows = _type_rows(cfg, out, processor) if cfg.type_router.enabled else []
     save_config(cfg, out)
 
-    ensure_ray(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.reward.num_workers * cfg.reward.cpus_per_worker
-               + cfg.actor.cpus)
-    from home_rl.trainer.both_views import rollout_both
-    from reward import RewardPool
-
-    trainer = start_router_trainer(str(checkpoint), cfg.actor.cpus, cfg.actor.gpus, cfg.actor.threads)
-    rewards = None
     notes = []
-    try:
+    with ViewsRun(checkpoint, cfg.rollout, cfg.reward, cfg.actor.resources, out / "views") as run:
+        trainer = run.trainer
         info = ray.get(trainer.info.remote())
         if not info.get("router_trained"):
             msg = (f"the router of {checkpoint} was never trained by the router stage (recipes/train_router.py): "
                    "its choices say little")
             log.warning(msg)
             notes.append(msg)
-        rewards = RewardPool(cfg.reward)
-        rewards.validate_sources({r["data_source"] for r in rows})
-        both = rollout_both(trainer, rows, processor, cfg.data, cfg.rollout, rewards, out / "views", cfg.seed)
+        both = run.answer(rows, processor, cfg.data, cfg.seed)
         rows = both.rows
         batch = cfg.actor.feature_batch_size
         features = ray.get(trainer.features.remote(router_inputs(rows, cfg.actor.template, processor, cfg.data), batch))
@@ -213,11 +204,6 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         notes.append("every policy is scored on the same samples: both views answered every prompt "
                      f"({cfg.rollout.n} samples each, temperature {cfg.rollout.temperature}); a policy's answer to a "
                      "prompt is the samples of the expert it picks")
-    finally:
-        if rewards is not None:
-            rewards.shutdown()
-        ray.kill(trainer)
-        shutil.rmtree(out / "views", ignore_errors=True)
 
     groups = group_keys(rows, cfg.steps_at_least)
     report = {p: summarize_policy(groups, both.stats[THINK], both.stats[FAST], c) for p, c in choices.items()}
@@ -260,11 +246,11 @@ def _write(out: Path, report: dict, rows: list[dict], both, choices: dict) -> No
     plot_report(report, out / "report.png")
     with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
         for i, row in enumerate(rows):
-            t, fa = both.stats["think"][i], both.stats["fast"][i]
+            t, fa = both.stats[THINK][i], both.stats[FAST][i]
             f.write(json.dumps({"id": row["id"], "data_source": row["data_source"],
                                 "steps": (row.get("extra_info") or {}).get("steps"),
                                 "choices": {p: c[i] for p, c in choices.items()},
                                 "acc_think": t.accuracy, "acc_fast": fa.accuracy,
                                 "len_think": t.mean_tokens, "len_fast": fa.mean_tokens,
-                                "responses_think": both.responses["think"][i],
-                                "responses_fast": both.responses["fast"][i]}) + "\n")
+                                "responses_think": both.responses[THINK][i],
+                                "responses_fast": both.responses[FAST][i]}) + "\n")

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 from home_rl.config import save_config
 from home_rl.errors import HomeRLError
-from home_rl.experts import row_type
+from home_rl.experts import FAST, THINK, row_type
 from home_rl.router.config import RouterStageConfig
 from home_rl.router.labels import (EXPERT_INDEX, class_counts, has_gain, label_record, net_gains, read_labels, relabel,
                                    write_labels)
 from home_rl.router.features import router_inputs
-from home_rl.router.trainer import EmptyLabelSetError, start_router_trainer
+from home_rl.router.trainer import EmptyLabelSetError
 from home_rl.trainer.router_data import load_rows
-from home_rl.trainer.startup import ensure_ray, load_processor, resolve_home_checkpoint
+from home_rl.trainer.both_views import ViewsRun
+from home_rl.trainer.startup import load_processor, resolve_home_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +48,15 @@ def train_router(cfg: RouterStageConfig) -> Path:
     rows = load_rows(cfg.data, cfg.synthetic, out / "data", processor)
     save_config(cfg, out)
 
-    ensure_ray(cfg.rollout.num_workers * cfg.rollout.cpus_per_worker + cfg.reward.num_workers * cfg.reward.cpus_per_worker
-               + cfg.actor.cpus)
-    trainer = start_router_trainer(str(checkpoint), cfg.actor.cpus, cfg.actor.gpus, cfg.actor.threads)
-    rewards = None
-    try:
+    rollout = cfg.rollout if given is None else None  # given labels: no view answers
+    with ViewsRun(checkpoint, rollout, cfg.reward, cfg.actor.resources, out / "views") as run:
+        trainer = run.trainer
         info = ray.get(trainer.info.remote())
         if given is None:
-            from home_rl.trainer.both_views import rollout_both
-            from reward import RewardPool
-
-            rewards = RewardPool(cfg.reward)
-            rewards.validate_sources({r["data_source"] for r in rows})
-            both = rollout_both(trainer, rows, processor, cfg.data, cfg.rollout, rewards, out / "views", cfg.seed)
+            both = run.answer(rows, processor, cfg.data, cfg.seed)
             records = [label_record(row, think, fast, cfg.rollout.max_response_tokens, cfg.labels.margin,
                                     cfg.labels.length_cost, row_type(row, cfg.think_sources))
-                       for row, think, fast in zip(both.rows, both.stats["think"], both.stats["fast"])]
+                       for row, think, fast in zip(both.rows, both.stats[THINK], both.stats[FAST])]
             labelled_rows = both.rows
             timing = both.timing
         else:
@@ -98,11 +91,6 @@ def train_router(cfg: RouterStageConfig) -> Path:
                  _fmt(fit.metrics.get("label_net_gain")), fit.metrics["predicted_think_ratio"],
                  fit.metrics["label_think_ratio"], final)
         return final
-    finally:
-        if rewards is not None:
-            rewards.shutdown()
-        ray.kill(trainer)
-        shutil.rmtree(out / "views", ignore_errors=True)
 
 
 def _join(records: list[dict], rows: list[dict], path: str) -> tuple[list[dict], list[dict]]:

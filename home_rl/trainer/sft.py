@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar, List
@@ -25,14 +24,15 @@ from typing import Any, ClassVar, List
 from data_pipelines import DataConfig, PromptLoader, load_dataset, render_prompt, response_token_ids
 from data_pipelines.schema import BadRowError
 from data_pipelines.templates import target_response
-from home_rl.config import ModelConfig, save_config, to_dict
+from home_rl.cluster import ClusterConfig
+from home_rl.config import ModelConfig, save_config
 from home_rl.errors import ConfigError, HomeRLError
-from home_rl.experts import EXPERT_INDEX, row_type
+from home_rl.experts import EXPERT_INDEX, EXPERTS, FAST, THINK, row_type
 from home_rl.learner.batch import Sequence
 from home_rl.learner.config import LearnerConfig
 from home_rl.trainer.checkpoint import read_state, resolve_resume, save_checkpoint
 from home_rl.trainer.config import TrainerConfig
-from home_rl.trainer.startup import ensure_ray, load_processor
+from home_rl.trainer.startup import ensure_ray, job_placement, load_processor
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,10 @@ class SFTOptions:
     route: str = "row"  # template (and HOME expert) each row trains with: row (its type) | think | fast | both (each row twice, once per template)
     think_sources: List[str] = dataclasses.field(default_factory=lambda: ["math"])  # data_source values that are reasoning data (their type is think)
     router_loss_weight: float = 0.0  # HOME models: weight of the router's cross-entropy on each row's type (the paper: 1.0)
-    router_template: str = "fast"  # which template's rendering of the prompt the router reads (the same for every row)
+    router_template: str = FAST  # which template's rendering of the prompt the router reads (the same for every row)
     max_response_tokens: int = 512  # reference responses longer than this are bad rows
 
-    CHOICES: ClassVar[dict] = {"route": ("row", "think", "fast", "both"), "router_template": ("fast", "think")}
+    CHOICES: ClassVar[dict] = {"route": ("row", THINK, FAST, "both"), "router_template": EXPERTS}
 
 
 @dataclasses.dataclass
@@ -63,8 +63,8 @@ class SFTConfig:
 
 def experts_for(row: dict, opts: SFTOptions) -> list[str]:
     if opts.route == "both":
-        return ["think", "fast"]
-    if opts.route in ("think", "fast"):
+        return [THINK, FAST]
+    if opts.route in EXPERTS:
         return [opts.route]
     return [row_type(row, opts.think_sources)]
 
@@ -143,9 +143,10 @@ def run_sft(cfg: SFTConfig) -> Path:
     save_config(cfg, out)
 
     resume_from = resolve_resume(out, cfg.trainer.resume)
-    started_ray = ensure_ray(cfg.learner.num_learners * cfg.learner.cpus_per_learner)
+    started_ray = ensure_ray(cfg.learner.num_learners * cfg.learner.resources.cpus)
     try:
-        group = LearnerGroup(cfg.learner, str(model_dir), cfg.model.dtype, cfg.trainer.total_steps)
+        placement = job_placement(ClusterConfig(), learner=cfg.learner)
+        group = LearnerGroup(cfg.learner, str(model_dir), cfg.model.dtype, cfg.trainer.total_steps, placement)
         try:
             log.info("SFT of %s (%s, %s) on %d rows (%d sequences per epoch), learners: %s", model_dir,
                      "HOME" if is_home else "dense", group.info[0]["dtype"], len(rows),
@@ -153,6 +154,7 @@ def run_sft(cfg: SFTConfig) -> Path:
             return train_loop(cfg, group, loader, sequences, resume_from)
         finally:
             group.shutdown()
+            placement.shutdown()
     finally:
         if started_ray:
             import ray

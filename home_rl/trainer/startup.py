@@ -3,6 +3,7 @@
 One path for all of them (GRPO, SFT and the cold start, the router stage, the evaluation):
 
     started = ensure_ray(cpus_needed)          # join RAY_ADDRESS's cluster, or start a local runtime
+    placement = job_placement(cfg.cluster, learner=cfg.learner, rollout=cfg.rollout, reward=cfg.reward)
     home = resolve_home_checkpoint(path, key, make_it)
     processor = load_processor(home)
     scores, metrics = rewards.score(reward_inputs(rows, groups, expert))
@@ -12,9 +13,14 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
+from home_rl.cluster import Bundle, ClusterConfig, ClusterResourceError, Placement
 from home_rl.errors import ConfigError, HomeRLError
+from home_rl.learner.config import LearnerConfig
+from home_rl.resources import Resources
+from home_rl.rollout.config import RolloutConfig
+from reward.config import RewardConfig
 
 
 def ensure_ray(cpus_needed: float) -> bool:
@@ -36,6 +42,32 @@ def ensure_ray(cpus_needed: float) -> bool:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed - 1e-9)),
              include_dashboard=False, log_to_driver=False, configure_logging=False)
     return True
+
+
+def job_placement(cluster: ClusterConfig, learner: Optional[LearnerConfig] = None,
+                  rollout: Optional[RolloutConfig] = None, reward: Optional[RewardConfig] = None,
+                  others: Sequence[tuple[str, Resources, str]] = ()) -> Placement:
+    """Every actor's bundle from its group's config, checked against the cluster before any actor starts.
+
+    `others`: (owner, resources, config section) of single actors outside the groups (a router trainer).
+    """
+    import ray
+
+    learners, workers, rest = [], [], []
+    if learner is not None:
+        gpus = learner.gpus_per_learner(ray.cluster_resources().get("GPU", 0))
+        keys = "learner.num_learners, learner.resources.cpus, learner.device, learner.resources.node_resource"
+        learners = [Bundle(learner.resources.bundle(gpus), f"learner {i}", keys) for i in range(learner.num_learners)]
+    if rollout is not None:
+        if cluster.mode == "colocated" and learner is not None and rollout.tensor_parallel_size > 1:
+            raise ClusterResourceError("cluster.mode=colocated needs rollout.tensor_parallel_size=1 (one GPU per pair)")
+        keys = "rollout.num_workers, rollout.resources.cpus, rollout.resources.gpus, rollout.resources.node_resource"
+        workers = [Bundle(rollout.resources.bundle(), f"rollout worker {i}", keys) for i in range(rollout.num_workers)]
+    if reward is not None:
+        keys = "reward.num_workers, reward.resources.cpus, reward.resources.node_resource"
+        rest = [Bundle(reward.resources.bundle(), f"reward worker {i}", keys) for i in range(reward.num_workers)]
+    rest += [Bundle(res.bundle(), owner, f"{section}.resources") for owner, res, section in others]
+    return Placement(cluster, learner=tuple(learners), rollout=tuple(workers), others=tuple(rest))
 
 
 def resolve_home_checkpoint(path: str, key: str = "model.path", make_it: str = "") -> Path:

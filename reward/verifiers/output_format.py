@@ -10,23 +10,22 @@ from __future__ import annotations
 
 from typing import Optional
 
+from home_rl.experts import EXPERTS, THINK
 from reward.registry import register_verifier
 from reward.verifiers.extract import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
-
-EXPERTS = ("think", "fast")
 
 
 @register_verifier("format")
 def format_verifier(response: str, ground_truth=None, *, data_source: str = "",
                     extra_info: Optional[dict] = None) -> dict:
-    expert = (extra_info or {}).get("expert") or "think"
+    expert = (extra_info or {}).get("expert") or THINK
     if expert not in EXPERTS:
         raise ValueError(f"extra_info['expert'] is {expert!r}; expected one of {EXPERTS}")
     blocks = split_template(response or "")
     if blocks is None:
         return {"score": 0.0}
     think, answer = blocks
-    right_think = bool(think) if expert == "think" else not think
+    right_think = bool(think) if expert == THINK else not think
     return {"score": float(right_think and bool(answer))}
 
 

@@ -1,0 +1,53 @@
+"""What one actor asks the Ray cluster for: the `resources` section of every actor group's config.
+
+    learner:  {resources: {cpus: 4, node_resource: learner}}
+    rollout:  {resources: {cpus: 4, gpus: 2, node_resource: rollout}}
+    reward:   {resources: {cpus: 1}}
+    actor:    {resources: {cpus: 2, gpus: 1}}        # the router stage's trainer actor
+
+Node types are marked with custom Ray resources (`ray start --resources '{"rollout": 1}'`). An actor
+whose section names one asks for a sliver of it (LABEL_SHARE): it runs only on such nodes, while
+CPUs and GPUs, not the label, decide how many share a node.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from home_rl.errors import ConfigError
+
+LABEL_SHARE = 0.001  # how much of its node label resource an actor asks for (a label, not a count)
+
+
+@dataclasses.dataclass
+class Resources:
+    cpus: float = 1.0  # logical Ray CPUs each actor asks for
+    gpus: float = 0.0  # GPUs each actor asks for (learners: 0 lets learner.device decide, one each on GPU clusters; rollout workers: their tensor_parallel_size)
+    threads: int = 0  # torch / OpenMP threads per actor (0: the group's default: its CPUs, or for rollout workers the machine's cores shared among them)
+    node_resource: str = ""  # custom Ray resource marking the nodes this group may use (e.g. rollout); "": any node
+
+    def __post_init__(self):
+        if self.cpus < 0 or self.gpus < 0 or self.threads < 0:
+            raise ConfigError(f"resources.cpus, .gpus and .threads must be >= 0, got {self.cpus}, {self.gpus}, "
+                              f"{self.threads}")
+
+    def label(self) -> dict[str, float]:
+        return {self.node_resource: LABEL_SHARE} if self.node_resource else {}
+
+    def bundle(self, gpus: float | None = None) -> dict[str, float]:
+        """This actor's placement-group bundle (`gpus` overrides the configured count, e.g. a learner's GPU)."""
+        gpus = self.gpus if gpus is None else gpus
+        return {"CPU": self.cpus, **({"GPU": float(gpus)} if gpus else {}), **self.label()}
+
+    def actor_options(self, gpus: float | None = None) -> dict[str, Any]:
+        """Ray actor options without a placement group: what the actor asks of any node."""
+        return {"num_cpus": self.cpus, "num_gpus": self.gpus if gpus is None else gpus, "resources": self.label()}
+
+    def num_threads(self, default: int = 0) -> int:
+        """Threads to use: `threads`, else `default`, else the actor's whole CPUs (at least 1)."""
+        return self.threads or default or max(1, int(self.cpus))
+
+
+def resources_field(**defaults: Any) -> Any:
+    """A `resources` config field with this group's defaults."""
+    return dataclasses.field(default_factory=lambda: Resources(**defaults))
