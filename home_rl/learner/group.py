@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from home_rl.config import to_dict
-from home_rl.errors import ray_get as _get
+from home_rl.errors import ray_get
 from home_rl.learner.batch import Sequence, split_for_ranks
 from home_rl.learner.config import LearnerConfig
 from home_rl.learner.worker import LearnerWorker
@@ -53,7 +53,7 @@ class LearnerGroup:
                        .remote(i, self.world_size, to_dict(cfg), threads) for i in range(self.world_size)]
         addr, port = ray.get(self.actors[0].address.remote())
         try:
-            self.info = _get([a.setup.remote(addr, port, str(model_path), dtype, total_steps) for a in self.actors])
+            self.info = ray_get([a.setup.remote(addr, port, str(model_path), dtype, total_steps) for a in self.actors])
         except BaseException:
             self.shutdown()
             raise
@@ -61,7 +61,7 @@ class LearnerGroup:
     # ------------------------------------------------------------------ calls on every rank
 
     def _run(self, method: str, *args, **kwargs) -> list[Any]:
-        return _get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
+        return ray_get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
 
     def _shards(self, batch: list[Sequence]) -> tuple[list[list[int]], int]:
         shards = split_for_ranks(batch, self.world_size)
@@ -79,7 +79,7 @@ class LearnerGroup:
         shards, num_micro = self._shards(batch)
         totals = {"tokens": sum(s.num_loss_tokens for s in batch), "sequences": len(batch),
                   "labelled": sum(s.router_label is not None for s in batch)}
-        results = _get([a.train_step.remote([batch[i] for i in shard], num_micro, totals, loss,
+        results = ray_get([a.train_step.remote([batch[i] for i in shard], num_micro, totals, loss,
                                                router_loss_weight, temperature)
                            for a, shard in zip(self.actors, shards)])
         metrics = {k: v for k, v in results[0].items() if k in _SHARED_METRICS}
@@ -109,7 +109,7 @@ class LearnerGroup:
     def _per_sequence(self, batch: list[Sequence], method: str, *args) -> list:
         """Call a per-sequence method on every rank's shard; results back in batch order."""
         shards, num_micro = self._shards(batch)
-        results = _get([getattr(a, method).remote([batch[i] for i in shard], num_micro, *args)
+        results = ray_get([getattr(a, method).remote([batch[i] for i in shard], num_micro, *args)
                            for a, shard in zip(self.actors, shards)])
         out: list = [None] * len(batch)
         for shard, values in zip(shards, results):

@@ -22,8 +22,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from home_rl.errors import HomeRLError
-from home_rl.errors import ray_get as _get  # noqa: I001  (short name: called on every worker call)
+from home_rl.errors import HomeRLError, ray_get
 from home_rl.rollout.config import RolloutConfig, check_rollout_config
 from home_rl.rollout.inputs import as_vllm_prompt
 from home_rl.rollout.types import RolloutResult, Sample
@@ -84,7 +83,7 @@ class RolloutPool:
         self.version = 0
         self.restarts = 0
         self.workers = [self._start(rank) for rank in range(cfg.num_workers)]
-        self.info = _get([w.ready.remote() for w in self.workers])
+        self.info = ray_get([w.ready.remote() for w in self.workers])
 
     def _start(self, rank: int):
         import ray
@@ -108,7 +107,7 @@ class RolloutPool:
         except Exception:  # noqa: BLE001  already gone
             pass
         self.workers[rank] = self._start(rank)
-        info = _get(self.workers[rank].ready.remote())
+        info = ray_get(self.workers[rank].ready.remote())
         if self.version:
             self._push([self.workers[rank]], self.weights_source(), self.version, self.cfg.update_bucket_mb)
         self.info[rank] = info
@@ -120,7 +119,7 @@ class RolloutPool:
 
         for attempt in range(self.cfg.max_restarts + 1):
             try:
-                return _get(getattr(self.workers[rank], method).remote(*args))
+                return ray_get(getattr(self.workers[rank], method).remote(*args))
             except ray.exceptions.RayActorError as e:
                 if attempt == self.cfg.max_restarts:
                     raise HomeRLError(f"rollout worker {rank} died {attempt + 1} times in one call "
@@ -152,7 +151,7 @@ class RolloutPool:
         results: list[RolloutResult] = []
         for (rank, args), ref in zip(calls, refs):  # all run at once; a dead worker's share runs again
             try:
-                results.append(_get(ref))
+                results.append(ray_get(ref))
             except ray.exceptions.RayActorError as e:
                 self._restart(rank, e)
                 results.append(self._call(rank, "generate", *args))
@@ -202,17 +201,17 @@ class RolloutPool:
         pending: list = []
         nbytes = tensors = buckets = 0
         try:
-            _get([w.begin_weight_update.remote() for w in workers])
+            ray_get([w.begin_weight_update.remote() for w in workers])
             for bucket in iter_buckets(named_tensors, bucket_mb):
                 ref = ray.put(bucket)
                 tensors += len(bucket)
                 nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
                 buckets += 1
                 del bucket
-                _get(pending)
+                ray_get(pending)
                 pending = [w.load_weight_bucket.remote(ref) for w in workers]
                 del ref  # the workers' tasks keep it alive until they have loaded it
-            _get(pending)
+            ray_get(pending)
         except BaseException:
             for w in workers:  # the living ones drop the half-done update; a dead one is past caring
                 try:
@@ -220,7 +219,7 @@ class RolloutPool:
                 except Exception:  # noqa: BLE001
                     pass
             raise
-        reports = _get([w.finish_weight_update.remote(version) for w in workers])
+        reports = ray_get([w.finish_weight_update.remote(version) for w in workers])
         return {"tensors": tensors, "bytes": nbytes, "buckets": buckets,
                 "repacked_lm_heads": reports[0]["repacked_lm_heads"]}
 
@@ -237,13 +236,13 @@ class RolloutPool:
 
     def sleep(self) -> None:
         """Free the engines' GPU memory for a colocated update (a no-op where the build cannot sleep)."""
-        _get([w.sleep.remote() for w in self.workers])
+        ray_get([w.sleep.remote() for w in self.workers])
 
     def wake_up(self) -> None:
-        _get([w.wake_up.remote() for w in self.workers])
+        ray_get([w.wake_up.remote() for w in self.workers])
 
     def engine_tensors(self, names: Sequence[str], rank: int = 0) -> dict[str, torch.Tensor]:
-        return _get(self.workers[rank].engine_tensors.remote(list(names)))
+        return ray_get(self.workers[rank].engine_tensors.remote(list(names)))
 
     def shutdown(self) -> None:
         import ray
