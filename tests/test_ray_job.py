@@ -49,6 +49,13 @@ def readme_cluster_commands() -> list[str]:
     return [c for c in commands if c and not c.startswith("#")]
 
 
+def test_the_cluster_guide_carries_the_same_lines():
+    block = "\n".join(readme_cluster_commands())
+    guide = (REPO / "cluster/README.md").read_text()
+    lines = [re.sub(r"\s+#\s.*$", "", line).strip() for line in re.sub(r"\\\n\s*", "", guide).splitlines()]
+    assert block in "\n".join(lines), "cluster/README.md's one-machine lines differ from README.md's"
+
+
 def user_env() -> dict[str, str]:
     """What a user's shell has: the venv on PATH, and none of the variables the test session sets for itself."""
     test_only = ("RAY_", "VLLM_", "PYTEST_")  # RAY_AUTH_MODE, RAY_ADDRESS, VLLM_* from conftest.py, pytest's own
