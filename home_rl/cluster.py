@@ -82,11 +82,14 @@ def shortage(bundles: list[Bundle], nodes: list[dict[str, float]]) -> Optional[s
     for key, amount in sorted(need.items()):
         if amount <= 0:
             continue
+        # Ray counts logical CPUs, and `ray start` declares the machine's cores unless told otherwise: on one
+        # machine the fix is a flag (the actors then share the cores), not more hardware. -int(-x // 1) rounds up.
+        cpu_hint = f" (on one machine: ray start --head --num-cpus {-int(-amount // 1)})" if key == "CPU" else ""
         if have.get(key, 0.0) <= 0:
-            hint = f" (start those nodes with: ray start --resources '{{\"{key}\": 1}}')" if key not in ("CPU", "GPU") else ""
+            hint = f" (start those nodes with: ray start --resources '{{\"{key}\": 1}}')" if key not in ("CPU", "GPU") else cpu_hint
             missing.append(f"{key}: no node has it{hint}")
         elif have[key] + 1e-9 < amount:
-            missing.append(f"{key}: {amount:g} needed, the cluster has {have[key]:g}")
+            missing.append(f"{key}: {amount:g} needed, the cluster has {have[key]:g}{cpu_hint}")
     if missing:
         return "missing " + "; ".join(missing)
     free = [dict(n) for n in nodes]

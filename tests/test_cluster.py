@@ -28,6 +28,10 @@ def test_shortage_names_what_is_missing():
     assert shortage(learners, nodes) is None
     message = shortage(learners + [Bundle({"CPU": 1, "GPU": 2}, "rollout worker 0", "rollout.*")], nodes)
     assert "GPU: 6 needed, the cluster has 4" in message
+    # the default job on a 2-core `ray start --head`: the message gives the flag that fixes it
+    message = shortage([Bundle({"CPU": 1}, f"learner {i}", "learner.*") for i in range(3)]
+                       + [Bundle({"CPU": 0.5}, "reward worker 0", "reward.*")], [{"CPU": 2.0}])
+    assert "CPU: 3.5 needed, the cluster has 2 (on one machine: ray start --head --num-cpus 4)" in message
     message = shortage([Bundle({"CPU": 1, "rollout": 0.001}, "rollout worker 0", "rollout.*")], nodes)
     assert "rollout: no node has it" in message and "ray start --resources" in message
     # enough in total, but no single node holds a 10-CPU bundle

@@ -241,6 +241,28 @@ def test_upcycle_recipe_on_a_tiny_model_writes_a_loadable_checkpoint(tiny_model,
     assert home.home_config["router_layer"] == 1 and (out / "config.yaml").is_file()
 
 
+def test_upcycle_recipe_keeps_the_dense_dtype_unless_told(tiny_model, tmp_path):
+    fp32 = tiny_model("qwen2")  # an fp32 folder
+    bf16 = tmp_path / "dense_bf16"
+    load_dense(fp32, torch.bfloat16).save_pretrained(bf16)
+    transformers.AutoTokenizer.from_pretrained(fp32).save_pretrained(bf16)
+
+    def run(dense: Path, *args: str) -> tuple[str, set]:
+        out = tmp_path / f"home_{len(list(tmp_path.iterdir()))}"
+        proc = subprocess.run([sys.executable, str(REPO / "recipes/upcycle.py"), f"model.path={dense}",
+                               f"output_dir={out}", *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout, {t.dtype for t in load_file(out / "model.safetensors").values()}
+
+    stdout, dtypes = run(fp32)  # model.dtype=auto, the recipe's default
+    assert dtypes == {torch.float32} and "dtype: float32 (model.dtype=auto: the dense checkpoint's own)" in stdout
+    stdout, dtypes = run(bf16)
+    assert dtypes == {torch.bfloat16} and "dtype: bfloat16 (model.dtype=auto" in stdout
+    stdout, dtypes = run(fp32, "model.dtype=bfloat16")
+    assert dtypes == {torch.bfloat16}
+    assert "dtype: bfloat16 (model.dtype=bfloat16: the dense checkpoint's is float32)" in stdout
+
+
 @pytest.mark.slow
 def test_upcycle_recipe_default_is_the_embedded_smollm2(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "recipes/upcycle.py")], capture_output=True, text=True,

@@ -13,8 +13,9 @@ from home_rl.errors import ModelError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_dense(folder: str | Path, dtype: torch.dtype = torch.float32):
-    """Load a dense checkpoint of a supported architecture (checked before any weight is read)."""
+def load_dense(folder: str | Path, dtype: torch.dtype | str = torch.float32):
+    """Load a dense checkpoint of a supported architecture (checked before any weight is read).
+    dtype="auto" keeps the checkpoint's own dtype (transformers reads it from config.json)."""
     raw = read_config_json(folder)
     if HOME_KEY in raw:
         raise ModelError(f"{folder} is already a HOME checkpoint: load it with HomeModel.from_pretrained")
@@ -22,7 +23,7 @@ def load_dense(folder: str | Path, dtype: torch.dtype = torch.float32):
     return model_class(arch).from_pretrained(folder, dtype=dtype).eval()
 
 
-def upcycle(folder: str | Path, dtype: torch.dtype = torch.float32, router_layer: Optional[int] = None,
+def upcycle(folder: str | Path, dtype: torch.dtype | str = torch.float32, router_layer: Optional[int] = None,
             router_pooling: str = "mean", router_hidden_size: int = 256) -> HomeModel:
     """Load the dense model in `folder` and upcycle it; tokenizer/processor files travel with it."""
     home = HomeModel.upcycle(load_dense(folder, dtype), router_layer, router_pooling, router_hidden_size)
