@@ -7,7 +7,9 @@ from typing import ClassVar, Optional
 
 @dataclasses.dataclass
 class DataConfig:
-    path: str = ""  # data file or folder: .jsonl, .parquet (plain or verl-style), a save_to_disk folder, or a folder holding data.jsonl
+    path: str = ""  # data file or folder: .jsonl, .parquet (plain, verl- or TRL-style), a save_to_disk folder, a folder holding data.jsonl, or a verl folder of train/test splits (its train split)
+    prompt_key: str = ""  # the prompt column (dotted for nested fields; "": prompt), e.g. problem for EasyR1's math12k
+    answer_key: str = ""  # the answer column (dotted; "": answer, else reward_model.ground_truth, extra_info.answer, solution), e.g. label
     prompts_per_step: int = 16  # prompts per training step (each is sampled rollout.n times)
     on_bad_row: str = "error"  # error: stop before training, naming the row, file and reason | skip: drop the row, count it, log the first few
     max_prompt_tokens: int = 1024  # longest allowed prompt in tokens, image tokens included; longer rows are bad rows

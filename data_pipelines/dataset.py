@@ -2,8 +2,8 @@
 
 Every row is checked the way training will use it: the answer is there, the prompt is not empty,
 each image decodes, and the prompt rendered for each expert (image tokens included) fits in
-`data.max_prompt_tokens`. With `error` the first bad row stops the run with its id, file and
-reason; with `skip` bad rows are dropped, counted by reason, and the first few logged.
+`data.max_prompt_tokens`. With `error` the first bad row stops the run with its id, file, 1-based
+line or row, and reason; with `skip` bad rows are dropped, counted by reason, and the first few logged.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from home_rl.errors import HomeRLError
 
 from data_pipelines.config import DataConfig
 from data_pipelines.images import ImageLoadError, load_image
-from data_pipelines.readers import iter_rows
+from data_pipelines.readers import Origin, iter_located
 from data_pipelines.render import RenderError, is_multimodal, render_prompt
 from data_pipelines.schema import BadRowError
 from data_pipelines.templates import EXPERTS, as_messages, text_of
@@ -40,6 +40,7 @@ class BadRowReport:
 class LoadedData:
     rows: list  # the clean rows, in file order
     report: BadRowReport
+    origins: dict = dataclasses.field(default_factory=dict)  # row id -> Origin (file and 1-based line/row)
 
 
 def load_dataset(cfg: DataConfig, processor_or_tokenizer: Any = None,
@@ -52,25 +53,25 @@ def load_dataset(cfg: DataConfig, processor_or_tokenizer: Any = None,
         raise HomeRLError("data.path is empty: give a .jsonl/.parquet file or a data folder")
     report = BadRowReport()
     rows = []
-    seen_ids: set[str] = set()
-    for item in iter_rows(cfg.path, cfg.max_rows):
+    origins: dict[str, Origin] = {}
+    for origin, item in iter_located(cfg.path, cfg.max_rows, cfg.answer_key, cfg.prompt_key):
         report.total += 1
         if isinstance(item, BadRowError):
-            _bad(item, "unreadable", cfg, report)
+            _bad(item, cfg, report)
             continue
         kind, reason = check_row(item, processor_or_tokenizer, cfg, experts)
-        if kind is None and item["id"] in seen_ids:
-            kind, reason = "duplicate id", "its id is used by an earlier row"
+        if kind is None and item["id"] in origins:
+            kind, reason = "duplicate id", f"its id is used by an earlier row ({origins[item['id']].where})"
         if kind is not None:
-            _bad(BadRowError(item["id"], str(cfg.path), reason), kind, cfg, report)
+            _bad(BadRowError(item["id"], origin.file, reason, origin.where, kind), cfg, report)
             continue
-        seen_ids.add(item["id"])
+        origins[item["id"]] = origin
         rows.append(item)
     if report.skipped:
         log.warning("data %s: %s", cfg.path, report.summary())
     if not rows:
         raise HomeRLError(f"no usable rows in {cfg.path}" + (f": {report.summary()}" if report.total else ""))
-    return LoadedData(rows, report)
+    return LoadedData(rows, report, origins)
 
 
 def check_row(row: dict, processor_or_tokenizer: Any, cfg: DataConfig,
@@ -107,11 +108,12 @@ def check_row(row: dict, processor_or_tokenizer: Any, cfg: DataConfig,
     return None, None
 
 
-def _bad(error: BadRowError, kind: str, cfg: DataConfig, report: BadRowReport) -> None:
+def _bad(error: BadRowError, cfg: DataConfig, report: BadRowReport) -> None:
     if cfg.on_bad_row == "error":
-        raise BadRowError(error.row_id, error.file, error.reason + " (set data.on_bad_row=skip to drop such rows)")
+        raise BadRowError(error.row_id, error.file, error.reason + " (set data.on_bad_row=skip to drop such rows)",
+                          error.where, error.kind)
     report.skipped += 1
-    report.by_reason[kind] += 1
+    report.by_reason[error.kind] += 1
     if len(report.examples) < cfg.log_bad_rows:
         report.examples.append(str(error))
         log.warning("skipping %s", error)

@@ -85,7 +85,7 @@ def target_response(row: dict, expert: str) -> str:
     The fast expert needs only an answer (the row's first accepted answer when there is no solution);
     the think expert needs the worked trace of `solution["think"]`.
     """
-    solution = row.get("solution") or {}
+    solution = solution_of(row)
     answer = solution.get("answer")
     if answer is None:
         answer = row["answer"][0] if isinstance(row.get("answer"), list) else row.get("answer")
@@ -94,6 +94,14 @@ def target_response(row: dict, expert: str) -> str:
     if expert == THINK and not solution.get("think"):
         raise ValueError(f"row {row.get('id')!r} has no solution['think'] trace for the think expert")
     return format_response(expert, str(answer), solution.get("think", ""))
+
+
+def solution_of(row: dict) -> dict:
+    """A row's reference solution as {think, answer}: a string solution (TRL's column) is an answer only."""
+    solution = row.get("solution")
+    if isinstance(solution, str):
+        return {"answer": solution}
+    return solution if isinstance(solution, dict) else {}
 
 
 def template_name(row: dict, configured: str) -> str:

@@ -48,7 +48,7 @@ def test_folder_with_data_jsonl_and_max_rows(tmp_path):
 def test_broken_json_line_names_line_and_file(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"id": "ok", "prompt": "q", "answer": "a"}) + "\n{not json\n")
-    with pytest.raises(BadRowError, match=r"line 2.*d\.jsonl.*not valid JSON"):
+    with pytest.raises(BadRowError, match=r"bad row in .*d\.jsonl, line 2: not valid JSON: Expecting property name"):
         read_rows(path)
 
 

@@ -27,10 +27,12 @@ BAD = {
                       "bad image", r"image file not found: .*nope\.png"),
     "corrupt image": ({"id": "bad-1", "prompt": "What colour?", "images": ["broken.png"], "answer": "red"},
                       "bad image", r"cannot decode image .*broken\.png"),
-    "missing answer": ({"id": "bad-1", "prompt": "What colour?", "images": []}, "missing answer", "missing answer"),
+    "missing answer": ({"id": "bad-1", "prompt": "What colour?", "images": []}, "missing answer",
+                       r"missing answer: .*the row has columns: id, prompt, images"),
     "empty answer list": ({"id": "bad-1", "prompt": "What colour?", "answer": []}, "missing answer", "missing answer"),
     "empty prompt": ({"id": "bad-1", "prompt": "  ", "answer": "red"}, "empty prompt", "empty prompt"),
-    "no prompt": ({"id": "bad-1", "answer": "red"}, "empty prompt", "prompt must be text or a list of chat messages"),
+    "no prompt": ({"id": "bad-1", "answer": "red"}, "empty prompt",
+                  r"no prompt column 'prompt' \(data.prompt_key names another\); .*the row has columns: id, answer"),
     "empty chat prompt": ({"id": "bad-1", "prompt": [{"role": "system", "content": "hi"}, {"role": "user", "content": ""}],
                            "answer": "red"}, "empty prompt", "empty prompt"),
     "prompt too long": ({"id": "bad-1", "prompt": "count " * 300, "answer": "red"}, "prompt too long",
@@ -60,9 +62,9 @@ def test_bad_row_error_mode_names_row_file_and_reason(case, tmp_path, processor)
     bad, _, reason = BAD[case]
     cfg = write_data(tmp_path, bad)
     cfg.on_bad_row = "error"
-    with pytest.raises(BadRowError, match=r"bad row 'bad-1' in .*data\.jsonl: " + reason) as info:
+    with pytest.raises(BadRowError, match=r"bad row 'bad-1' in .*data\.jsonl, line 2: " + reason) as info:
         load_dataset(cfg, processor)
-    assert info.value.row_id == "bad-1" and info.value.file.endswith("data.jsonl")
+    assert info.value.row_id == "bad-1" and info.value.file.endswith("data.jsonl") and info.value.where == "line 2"
     assert "on_bad_row=skip" in str(info.value)
     assert isinstance(info.value, HomeRLError)  # recipes print it as one line
 
@@ -84,7 +86,7 @@ def test_unparseable_line_and_duplicate_ids(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"id": "a", "prompt": "q", "answer": "1"}) + "\n{oops\n"
                     + json.dumps({"id": "a", "prompt": "q2", "answer": "2"}) + "\n")
-    with pytest.raises(BadRowError, match=r"bad row 'line 2' in .*d\.jsonl: not valid JSON"):
+    with pytest.raises(BadRowError, match=r"bad row in .*d\.jsonl, line 2: not valid JSON"):
         load_dataset(DataConfig(path=str(path)))
     data = load_dataset(DataConfig(path=str(path), on_bad_row="skip"))
     assert [r["prompt"] for r in data.rows] == ["q"]

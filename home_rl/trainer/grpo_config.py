@@ -2,15 +2,16 @@
 
 Derived settings are filled in by `resolve()`, which `load_config` calls as it loads the config, so
 that `config.yaml` and `--help` show what runs: the trainable set of `train_shared`, the engines'
-sleep of colocated placement, the KL reference copy, the data seed, and the paths of the synthetic
-training and held-out data (written under output_dir when the run starts).
+sleep of colocated placement, the KL reference copy, the data seed, the paths of the synthetic
+training and held-out data (written under output_dir when the run starts), and the two files of a
+data folder with train/test splits (verl's train.parquet + test.parquet: train trains, test evaluates).
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from data_pipelines import DataConfig
+from data_pipelines import DataConfig, find_splits
 from home_rl.cluster import ClusterConfig
 from home_rl.config import ModelConfig
 from home_rl.experts import REFERENCE, THINK
@@ -62,7 +63,7 @@ def _trainer_defaults() -> TrainerConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    path: str = ""  # held-out prompts (any data format); "": with synthetic training data, `rows` new synthetic problems (output_dir/eval_data), else no evaluation
+    path: str = ""  # held-out prompts (any data format); "": the test split of a data.path folder with train/test splits, with synthetic training data `rows` new synthetic problems (output_dir/eval_data), else no evaluation
     rows: int = 200  # held-out prompts scored by the think view before the first step and after the last (0: no evaluation)
     every: int = 0  # also evaluate every N steps (0: only before and after)
     n: int = 1  # samples per prompt (rollout's sampling settings, a fixed seed)
@@ -94,6 +95,11 @@ class GRPOThinkConfig:
         if self.algorithm.kl_coef > 0 and not any(c.startswith(REFERENCE + "=") for c in self.learner.frozen_copies):
             self.learner.frozen_copies = [*self.learner.frozen_copies, f"{REFERENCE}={THINK}"]
         self.data.seed = self.seed
+        splits = find_splits(self.data.path) if self.data.path else None
+        if splits is not None:  # a verl data folder: its test split is held out, not trained on
+            self.data.path = str(splits.train)
+            if self.eval.rows and not self.eval.path:
+                self.eval.path = str(splits.heldout)
         if not self.data.path:
             self.data.path = str(self.synthetic_data_path())
             if self.eval.rows and not self.eval.path:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines import PromptLoader, load_dataset, render_prompt
+from data_pipelines import PromptLoader, find_splits, load_dataset, render_prompt
 from home_rl.config import resolved, save_config
 from home_rl.errors import HomeRLError
 from home_rl.experts import REFERENCE, THINK
@@ -55,6 +55,7 @@ class GRPOThinkTrainer:
 
         self.home_dir = resolve_home_checkpoint(cfg.model.path, "model.path", "recipes/upcycle.py")
         self.processor = load_processor(self.home_dir)
+        log_splits(cfg)
         self.rows = load_dataset(cfg.data, self.processor, experts=(THINK,)).rows
         if not self.rows:
             raise HomeRLError(f"no usable rows in {cfg.data.path}")
@@ -283,6 +284,19 @@ def make_synthetic_data(cfg: GRPOThinkConfig) -> None:
         rows = [r for r in rows if r["prompt"] not in train][:cfg.eval.rows]
         heldout_path.parent.mkdir(parents=True, exist_ok=True)
         heldout_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def log_splits(cfg: GRPOThinkConfig) -> None:
+    """Say which split of a train/test data folder (resolved in GRPOThinkConfig.resolve) trains and which evaluates."""
+    splits = find_splits(Path(cfg.data.path).parent)
+    if splits is None or splits.train != Path(cfg.data.path):
+        return
+    if cfg.eval.path and Path(cfg.eval.path) == splits.heldout:
+        log.info("data: training on %s; its held-out split %s is the evaluation set (eval.path, at most eval.rows=%d "
+                 "rows)", splits.train, splits.heldout, cfg.eval.rows)
+    else:
+        log.info("data: training on %s; its held-out split %s is not used (eval.path=%r, eval.rows=%d)",
+                 splits.train, splits.heldout, cfg.eval.path, cfg.eval.rows)
 
 
 def export_think_view(home_dir: Path, out: Path) -> Path:

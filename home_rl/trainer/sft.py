@@ -19,11 +19,11 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, ClassVar, List
+from typing import Any, ClassVar, List, Optional
 
 from data_pipelines import DataConfig, PromptLoader, load_dataset, render_prompt, response_token_ids
 from data_pipelines.schema import BadRowError
-from data_pipelines.templates import target_response
+from data_pipelines.templates import solution_of, target_response
 from home_rl.cluster import ClusterConfig
 from home_rl.config import ModelConfig, save_config
 from home_rl.errors import ConfigError, HomeRLError
@@ -70,16 +70,20 @@ def experts_for(row: dict, opts: SFTOptions) -> list[str]:
 
 
 def _check_solution(row: dict, experts: list[str]) -> None:
-    solution = row.get("solution")
-    if not isinstance(solution, dict) or not str(solution.get("answer") or "").strip():
+    solution = solution_of(row)
+    if not str(solution.get("answer") or "").strip():
         raise ValueError("no reference solution (solution.answer) to train on")
-    if "think" in experts and not str(solution.get("think") or "").strip():
-        raise ValueError("no reference reasoning (solution.think) for the think template")
+    if THINK in experts and not str(solution.get("think") or "").strip():
+        # a string solution (TRL) or a bare answer teaches the fast template only
+        raise ValueError(f"no worked trace (solution.think) for the think template, only an answer; "
+                         f"sft.route={FAST} trains on answers alone")
 
 
 def build_sequences(rows: list[dict], processor: Any, data_cfg: DataConfig, opts: SFTOptions,
-                    is_home: bool) -> dict[str, list[Sequence]]:
-    """Row id -> its training sequences; rows without a usable reference solution follow data.on_bad_row."""
+                    is_home: bool, origins: Optional[dict] = None) -> dict[str, list[Sequence]]:
+    """Row id -> its training sequences; rows without a usable reference solution follow data.on_bad_row.
+
+    `origins` (LoadedData.origins) names each bad row by its file and line, as data loading does."""
     out: dict[str, list[Sequence]] = {}
     skipped = 0
     for row in rows:
@@ -103,9 +107,11 @@ def build_sequences(rows: list[dict], processor: Any, data_cfg: DataConfig, opts
                     router_prompt_ids=router.prompt_token_ids if router is not None else None,
                     router_mm_token_type_ids=router.mm_token_type_ids if router is not None else None))
         except ValueError as e:
-            error = BadRowError(row["id"], data_cfg.path, str(e))
+            origin = (origins or {}).get(row["id"])
+            file, where = (origin.file, origin.where) if origin else (data_cfg.path, "")
+            error = BadRowError(row["id"], file, str(e), where)
             if data_cfg.on_bad_row == "error":
-                raise BadRowError(row["id"], data_cfg.path, f"{e} (set data.on_bad_row=skip to drop such rows)") from None
+                raise BadRowError(row["id"], file, f"{e} (set data.on_bad_row=skip to drop such rows)", where) from None
             skipped += 1
             if skipped <= data_cfg.log_bad_rows:
                 log.warning("skipping %s", error)
@@ -136,7 +142,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         raise ConfigError("sft.router_loss_weight needs a HOME model; model.path is a dense checkpoint")
     processor = load_processor(model_dir)
     data = load_dataset(cfg.data, processor)
-    sequences = build_sequences(data.rows, processor, cfg.data, cfg.sft, is_home)
+    sequences = build_sequences(data.rows, processor, cfg.data, cfg.sft, is_home, data.origins)
     rows = [r for r in data.rows if r["id"] in sequences]
     loader = PromptLoader(rows, cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                           drop_last=cfg.data.drop_last, stratify_by=cfg.data.stratify_by)

@@ -1,14 +1,18 @@
-"""Pull the final answer out of a response: the last `<answer>…</answer>` block, else the last `\\boxed{}`.
+"""Pull the final answer out of a response: the last `<answer>…</answer>` block, else the last `\\boxed{}`,
+else GSM8K's `#### N` line.
 
 Everything here is a linear scan (str.rfind, one pass over braces): responses can be a megabyte of
 junk, and a backtracking regex on such input would stall a worker.
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+HASHES = "####"  # GSM8K's final-answer marker: `...reasoning... #### 72`
+_LEADING_NUMBER = re.compile(r"-?\d+(?:\.\d+)?|-?\.\d+")  # anchored with .match on a short slice: linear
 
 
 def answer_block(response: str) -> Optional[str]:
@@ -54,14 +58,34 @@ def _group_after(text: str, pos: int) -> Optional[str]:
     return None  # unbalanced
 
 
+def after_hashes(text: str) -> Optional[str]:
+    """The answer on the last `####` line, as verl's gsm8k scorer reads it: the number there with thousands
+    commas and `$` removed (`#### $1,200` gives '1200'), else the rest of the line. None without `####`."""
+    start = text.rfind(HASHES)
+    if start < 0:
+        return None
+    rest = text[start + len(HASHES):start + len(HASHES) + 200].lstrip(" #").split("\n", 1)[0].strip()
+    number = _LEADING_NUMBER.match(rest.replace(",", "").replace("$", ""))
+    return number.group(0) if number else (rest or None)
+
+
 def final_answer(response: str) -> Optional[str]:
-    """The answer a math-style response commits to: its `<answer>` block (or a `\\boxed{}` inside it),
-    else the last `\\boxed{}` anywhere. None when the response gives neither."""
+    """The answer a math-style response commits to: its `<answer>` block (or a `\\boxed{}` or `#### N` inside
+    it), else the last `\\boxed{}` anywhere, else the last `#### N` line. None when the response gives none."""
     block = answer_block(response)
     if block is not None:
-        boxed = last_boxed(block)
-        return boxed if boxed is not None else block
-    return last_boxed(response)
+        inner = last_boxed(block)
+        if inner is None:
+            inner = after_hashes(block)
+        return inner if inner is not None else block
+    boxed = last_boxed(response)
+    return boxed if boxed is not None else after_hashes(response)
+
+
+def gold_answer(ground_truth: str) -> str:
+    """A ground truth as the answer to compare: GSM8K's `...reasoning... #### 72` gives '72'; others as given."""
+    hashed = after_hashes(ground_truth)
+    return hashed if hashed is not None else ground_truth
 
 
 def answer_or_text(response: str) -> str:

@@ -1,9 +1,11 @@
 """`math`: is the response's final answer mathematically equal to the ground truth? (math-verify)
 
-The final answer is the `<answer>` block, else the last `\\boxed{}`. math-verify parses both sides
-to SymPy and compares them: fractions, decimals, LaTeX, intervals, sets, equations (`x=3` vs `3`),
-units stripped. A percentage reads as its number (`50\\%` = 50); with `percent_as_fraction` it also
-reads as the fraction (`50\\%` = 0.5), so `0.5` and `50\\%` then match either way.
+The final answer is the `<answer>` block, else the last `\\boxed{}`, else the number after the last
+`####` (GSM8K); a ground truth of GSM8K's form (`...reasoning... #### 72`) is read the same way.
+math-verify parses both sides to SymPy and compares them: fractions, decimals, LaTeX, intervals, sets,
+equations (`x=3` vs `3`), units stripped. A percentage reads as its number (`50\\%` = 50); with
+`percent_as_fraction` it also reads as the fraction (`50\\%` = 0.5), so `0.5` and `50\\%` then match
+either way.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Optional
 from math_verify import parse, verify
 
 from reward.registry import register_verifier
-from reward.verifiers.extract import as_list, final_answer
+from reward.verifiers.extract import as_list, final_answer, gold_answer
 
 MAX_ANSWER_CHARS = 2000  # longer "answers" (degenerate generations) score 0 unparsed, flagged `too_long`
 _MATH_DELIMITER = re.compile(r"(?<!\\)\$|\\\(|\\\[")  # $ (not \$), \( or \[
@@ -33,7 +35,7 @@ def math_verifier(response: str, ground_truth, *, data_source: str = "", extra_i
     if len(answer) > MAX_ANSWER_CHARS:  # no final answer is this long; parsing it would take seconds
         return {"score": 0.0, "has_answer": True, "too_long": True}
     predicted = _parse_answer(answer, percent_as_fraction)
-    golds = [g for gt in as_list(ground_truth) for g in _parse_gold(str(gt), percent_as_fraction)]
+    golds = [g for gt in as_list(ground_truth) for g in _parse_gold(gold_answer(str(gt)), percent_as_fraction)]
     correct = bool(predicted) and bool(golds) and verify(golds, predicted, timeout_seconds=_timeout())
     return {"score": float(correct), "has_answer": True}
 
