@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from home_rl.cluster import Placement
+from home_rl.console import actor_env, phase_done
 from home_rl.config import to_dict
 from home_rl.errors import HomeRLError
 from home_rl.learner.batch import Sequence, split_for_ranks
@@ -38,12 +39,13 @@ class LearnerGroup:
                  placement: Optional[Placement] = None):
         import ray
 
+        start = time.perf_counter()
         self.cfg = cfg
         self.world_size = cfg.num_learners
         self.own_placement = placement is None
         self.placement = placement or Placement(learner=cfg)
         threads = cfg.threads_per_learner or max(1, int(cfg.cpus_per_learner))
-        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **actor_env()}
         if not self.placement.learner_gpu:
             env["DS_ACCELERATOR"] = "cpu"
         actor = ray.remote(LearnerWorker)
@@ -55,6 +57,7 @@ class LearnerGroup:
         except BaseException:
             self.shutdown()
             raise
+        phase_done("learners", f"{self.world_size} ready", start)
 
     # ------------------------------------------------------------------ calls on every rank
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from home_rl.console import actor_env, capture_output
 from home_rl.errors import HomeRLError
 from home_rl.experts import EXPERTS
 from home_rl.model.router import Router
@@ -218,6 +219,7 @@ class RouterTrainer:
     """
 
     def __init__(self, checkpoint: str, threads: int = 1, device: str = "cpu"):
+        capture_output("router-trainer")  # first: transformers' output goes to the run's logs/
         from home_rl.model import HomeModel
 
         torch.set_num_threads(max(1, threads))
@@ -292,5 +294,5 @@ def start_router_trainer(checkpoint: str, cpus: float, gpus: float, threads: int
 
     threads = threads or max(1, int(cpus))
     actor = ray.remote(RouterTrainer).options(num_cpus=cpus, num_gpus=gpus,
-                                              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+                                              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), **actor_env()}})
     return actor.remote(checkpoint, threads, "cuda" if gpus > 0 else "cpu")

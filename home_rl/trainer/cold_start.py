@@ -97,14 +97,17 @@ def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
 
     A build killed midway resumes from its last SFT checkpoint on the next call.
     """
+    from home_rl.console import phase_done
     from home_rl.trainer.sft import run_sft
     from home_rl.model import DTYPES, upcycle
 
+    checked = time.perf_counter()
     out = cold_start_dir(name)
     stamp = out.with_name(out.name + ".json")  # the recipe and timings of the cached build
     recipe = cold_start_recipe(name)
     if not force and (out / "config.json").is_file() and stamp.is_file():
         if json.loads(stamp.read_text()).get("recipe") == recipe:
+            phase_done("cold start", "cached", checked)
             return out
         log.info("the cached cold start %s was built with another recipe: rebuilding", out)
     work = cache_dir() / "cold_start" / name
@@ -122,7 +125,7 @@ def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
     home.save_pretrained(out)  # written to a temporary folder and renamed: a half-written cache is never used
     stamp.write_text(json.dumps({"recipe": recipe, "sft_s": round(sft_s, 1),
                                  "total_s": round(time.perf_counter() - start, 1)}))
-    log.info("cold start of %s: %s (%.0f s)", name, out, time.perf_counter() - start)
+    phase_done("cold start", f"built {out}", checked)
     return out
 
 

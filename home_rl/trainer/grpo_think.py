@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import time
 from collections import defaultdict
@@ -111,18 +110,12 @@ class GRPOThinkConfig:
 
 def ensure_ray(cfg: GRPOThinkConfig) -> None:
     """Join the cluster of `ray job submit` (RAY_ADDRESS), or start a local runtime sized for this job."""
-    import ray
+    from home_rl.trainer import startup
 
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
     # Ray schedules by logical CPUs: declare enough for every actor, then size threads per actor.
     need = (cfg.learner.num_learners * cfg.learner.cpus_per_learner + cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
             + cfg.reward.num_workers * cfg.reward.cpus_per_worker + 1)
-    ray.init(address="local", num_cpus=max(int(np.ceil(need)), os.cpu_count() or 1), include_dashboard=False,
-             log_to_driver=True)
+    startup.ensure_ray(need)
 
 
 def resolve_home_checkpoint(cfg: GRPOThinkConfig) -> Path:

@@ -9,12 +9,16 @@ One path for all of them (GRPO, SFT and the cold start, the router stage, the ev
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from home_rl.errors import ConfigError, HomeRLError
+
+log = logging.getLogger(__name__)
 
 
 def ensure_ray(cpus_needed: float) -> bool:
@@ -26,15 +30,22 @@ def ensure_ray(cpus_needed: float) -> bool:
     """
     import ray
 
+    from home_rl import console
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if ray.is_initialized():
         return False
+    start = time.perf_counter()
+    log_to_driver = console.mode() == "full"  # quiet: each actor writes its own file under output_dir/logs
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=log_to_driver)
+        console.phase_done("ray", f"joined the cluster at {os.environ['RAY_ADDRESS']}", start)
         return True
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private runtime of this process: no token to hand out
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed - 1e-9)),
-             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed - 1e-9))
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=log_to_driver,
+             configure_logging=False)
+    console.phase_done("ray", f"local runtime {cpus} CPUs", start)
     return True
 
 
