@@ -122,20 +122,29 @@ def describe_failure(error: BaseException) -> str:
     return f"{cause_of(error)} ({'; '.join(where)})" if where else cause_of(error)
 
 
-def cause_of(error: BaseException) -> str:
-    """The one-line cause: "Type: message"; an actor's own exception rather than Ray's wrapper."""
+def cause_of(error: BaseException, limit: int = 400) -> str:
+    """The cause in one line, "Type: message": an actor's own exception rather than Ray's wrapper."""
     ray_exceptions = getattr(sys.modules.get("ray"), "exceptions", None)
     while ray_exceptions and isinstance(error, ray_exceptions.RayTaskError) and error.cause is not None \
             and error.cause is not error:
         error = error.cause
-    text = str(error).strip()
-    if ray_exceptions and isinstance(error, ray_exceptions.RayActorError):
-        # an actor that died: the message's last line is its reason (the exception its __init__ raised,
-        # or "The actor is dead because its worker process has died ...")
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return f"{type(error).__name__}: {lines[-1] if lines else 'the actor died'}"[:500]
-    first = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {first}"[:500] if first else type(error).__name__
+    lines = str(error).splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith('  File "')]
+    if ray_exceptions and isinstance(error, ray_exceptions.RayActorError) and frames:
+        # an actor whose __init__ raised: Ray keeps only the text, the remote traceback; its exception
+        # is what follows the last frame (after that frame's indented code lines)
+        rest = lines[frames[-1] + 1:]
+        while rest and rest[0][:1].isspace():
+            rest = rest[1:]
+        text = " ".join(line.strip() for line in rest if line.strip())
+        text = re.sub(r"^[\w.]+\.(\w+:)", r"\1", text)  # pydantic_core._pydantic_core.ValidationError: -> ValidationError:
+    elif ray_exceptions and isinstance(error, ray_exceptions.RayActorError):
+        # a process that died: the last line says how ("The actor is dead because its worker process has died ...")
+        text = f"{type(error).__name__}: {next((line.strip() for line in reversed(lines) if line.strip()), '')}"
+    else:
+        message = " ".join(line.strip() for line in lines if line.strip())
+        text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def actor_log_of(error: BaseException) -> Optional[Path]:
