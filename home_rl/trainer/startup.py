@@ -30,7 +30,7 @@ def ensure_ray(cpus_needed: float) -> bool:
     """
     import ray
 
-    from home_rl import console
+    from home_rl import console, leftovers
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if ray.is_initialized():
@@ -41,6 +41,9 @@ def ensure_ray(cpus_needed: float) -> bool:
         ray.init(log_to_driver=log_to_driver)
         console.phase_done("ray", f"joined the cluster at {os.environ['RAY_ADDRESS']}", start)
         return True
+    ended = leftovers.end_dead_sessions()  # what SIGKILLed local runs left behind (see home_rl/leftovers.py)
+    if ended:
+        log.info("ray: ended %s", leftovers.describe(ended))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private runtime of this process: no token to hand out
     cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed - 1e-9))
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=log_to_driver,
