@@ -69,6 +69,7 @@ def cold_start_recipe(name: str) -> dict:
     sft = to_dict(cold_start_config(name, Path("DATA"), Path("OUT")))
     for key in ("threads_per_learner", "cpus_per_learner", "micro_batch_size"):  # how fast, not what
         sft["learner"].pop(key)
+    sft["trainer"].pop("console")  # what the console shows, not what is built
     rows = hashlib.sha256(json.dumps(train_rows()).encode()).hexdigest()  # a change of the generators rebuilds too
     recipe = {"plan": TRAIN_PLAN, "seed": TRAIN_SEED, "rows_sha256": rows, "sft": sft}
     return json.loads(json.dumps(recipe))  # as the stamp file reads back (tuples become lists)
