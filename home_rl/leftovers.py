@@ -13,7 +13,9 @@ When a session is dead: none of its processes is a raylet or a gcs_server. Every
 has both (a head node) or at least a raylet (a node joining a head), for its whole life: they are
 the first processes a runtime starts and the last to go, and an agent is a raylet's child. So the
 pytest session's runtime, a `ray start` cluster, and other people's runs all keep theirs and are
-never touched; a runtime still starting has no Ray process at all before its gcs_server. The pid in
+never touched. A head starts its gcs_server first; a node joining a remote head starts its log
+monitor a moment before its raylet, so a session counts as dead only when its youngest process is
+older than MIN_AGE_S (the leftovers of a dead session are as old as it is). The pid in
 a session's name is not used: for `ray start` it is the CLI process, which exits at once. Only
 processes of Ray's own (a "ray::" or "ray-dashboard-" title, or a program inside the ray package) are ended, never a
 driver, and only this user's (another user's files cannot be read, nor the process signalled).
@@ -31,6 +33,7 @@ from pathlib import Path
 SESSION = re.compile(r"/[^\s\x00]*/session_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+_\d+(?=/|\s|$)")
 _RAY_PROGRAM = re.compile(r"/(site|dist)-packages/ray/")
 _LIFELINES = ("raylet", "gcs_server")  # a session with one of these alive is alive
+MIN_AGE_S = 30.0  # a session whose youngest process is younger may still be starting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +41,19 @@ class RayProcess:
     pid: int
     args: str  # the command line, NULs as spaces
     sessions: frozenset[str]  # session folders it names or has files open in
+    age_s: float  # seconds since the process started
 
     @property
     def program(self) -> str:
         return os.path.basename(self.args.split(" ", 1)[0])
+
+    @property
+    def name(self) -> str:
+        """"ray::DashboardAgent", "raylet", "log_monitor.py": what it is, for a person."""
+        if self.args.startswith(("ray::", "ray-dashboard-")):
+            return self.args.split(" ", 1)[0]
+        script = next((a for a in self.args.split(" ")[1:3] if a.endswith(".py")), "")
+        return os.path.basename(script) or self.program
 
     @property
     def is_ray_own(self) -> bool:
@@ -60,7 +72,8 @@ def session_processes() -> dict[str, list[RayProcess]]:
 def dead_sessions(sessions: dict[str, list[RayProcess]]) -> dict[str, list[RayProcess]]:
     """Of `sessions`, those with no raylet and no gcs_server left, with their remaining Ray processes."""
     return {session: [p for p in procs if p.is_ray_own] for session, procs in sessions.items()
-            if not any(p.program in _LIFELINES for p in procs) and any(p.is_ray_own for p in procs)}
+            if not any(p.program in _LIFELINES for p in procs) and any(p.is_ray_own for p in procs)
+            and min(p.age_s for p in procs) > MIN_AGE_S}
 
 
 def end_dead_sessions(wait_s: float = 5.0) -> dict[str, list[RayProcess]]:
@@ -88,7 +101,7 @@ def end_dead_sessions(wait_s: float = 5.0) -> dict[str, list[RayProcess]]:
 def describe(ended: dict[str, list[RayProcess]]) -> str:
     """"2 processes of 1 dead Ray session (ray::DashboardAgent, ray::RuntimeEnvAgent; session_...)"."""
     procs = [p for ps in ended.values() for p in ps]
-    names = Counter(p.args.split(" ", 1)[0] if p.args.startswith("ray::") else p.program for p in procs)
+    names = Counter(p.name for p in procs)
     listed = ", ".join(name if n == 1 else f"{name} x{n}" for name, n in sorted(names.items()))
     sessions = ", ".join(sorted(Path(s).name for s in ended))
     return (f"{len(procs)} process{'es' * (len(procs) != 1)} of {len(ended)} dead Ray session"
@@ -119,7 +132,7 @@ def _all_processes() -> list[RayProcess]:
                 pass
         sessions = frozenset(m.group(0) for place in places for m in SESSION.finditer(place))
         if sessions:
-            out.append(RayProcess(pid, args, sessions))
+            out.append(RayProcess(pid, args, sessions, _age_s(pid)))
     return out
 
 
@@ -129,6 +142,16 @@ def _args_of(pid: int) -> str:
             return f.read().replace(b"\x00", b" ").decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def _age_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:  # field 22, after the parenthesised name: start time in clock ticks
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - started
+    except (OSError, IndexError, ValueError):
+        return 0.0  # unknown: counts as young, so its session is left alone
 
 
 def _alive(pid: int) -> bool:
