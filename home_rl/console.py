@@ -83,6 +83,8 @@ def capture_output(name: str) -> Optional[Path]:
     output and any subprocess started later (vLLM engine cores, reward sandboxes) land there too.
     The file is appended to, under a header with the pid: a restarted actor adds to the same file, and
     the driver finds the file of a failed actor by the pid that Ray's error names (actor_log_of).
+    home-rl's own warnings also go to the stderr Ray gave the process, which Ray shows on the driver's
+    console as "(LearnerWorker pid=...) warning: ..." (ensure_ray turns log_to_driver on for recipes).
     """
     folder = os.environ.get(LOG_DIR_ENV)
     if not folder:
@@ -91,6 +93,7 @@ def capture_output(name: str) -> Optional[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    to_ray = os.fdopen(os.dup(2), "w", buffering=1)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     header = f"==== home-rl {name}: pid {os.getpid()} on {socket.gethostname()}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
     os.write(fd, header.encode())
@@ -99,6 +102,11 @@ def capture_output(name: str) -> Optional[Path]:
     os.close(fd)
     # Ray leaves the root logger of a worker bare: give home-rl's own lines in this actor a time stamp
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warnings = logging.StreamHandler(to_ray)
+    warnings.setLevel(logging.WARNING)
+    warnings.setFormatter(_ConsoleFormatter(path, stamp=False))  # Ray's prefix names the actor; a traceback is in its file
+    warnings.addFilter(_home_rl_only)
+    logging.getLogger().addHandler(warnings)
     return path
 
 
@@ -161,27 +169,29 @@ def actor_log_of(error: BaseException) -> Optional[Path]:
     return None
 
 
+def _home_rl_only(record: logging.LogRecord) -> bool:
+    return record.name.startswith(("home_rl", "reward", "data_pipelines", "__main__"))
+
+
 def _for_console(record: logging.LogRecord) -> bool:
     # home-rl's own INFO lines and up; from libraries only errors (their warnings are in driver.log)
-    if record.name.startswith(("home_rl", "reward", "data_pipelines", "__main__")):
-        return True
-    return record.levelno >= logging.ERROR
+    return _home_rl_only(record) or record.levelno >= logging.ERROR
 
 
 class _ConsoleFormatter(logging.Formatter):
-    """"HH:MM:SS message"; warnings and errors say so; a traceback stays in driver.log, named on the line."""
+    """"HH:MM:SS message"; warnings and errors say so; a traceback stays in the log file, named on the line."""
 
-    def __init__(self, driver_log: Path):
+    def __init__(self, traceback_log: Path, stamp: bool = True):
         super().__init__(datefmt="%H:%M:%S")
-        self.driver_log = driver_log
+        self.traceback_log, self.stamp = traceback_log, stamp
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         if record.levelno >= logging.WARNING:
             message = f"{record.levelname.lower()}: {message}"
         if record.exc_info:
-            message += f" (traceback: {self.driver_log})"
-        return f"{self.formatTime(record, self.datefmt)} {message}"
+            message += f" (traceback: {self.traceback_log})"
+        return f"{self.formatTime(record, self.datefmt)} {message}" if self.stamp else message
 
 
 class _ConsoleHandler(logging.StreamHandler):

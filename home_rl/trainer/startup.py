@@ -36,7 +36,9 @@ def ensure_ray(cpus_needed: float) -> bool:
     if ray.is_initialized():
         return False
     start = time.perf_counter()
-    log_to_driver = console.mode() == "full"  # quiet: each actor writes its own file under output_dir/logs
+    # a recipe's console gets what actors print: everything (full), or their home-rl warnings (quiet: the
+    # rest goes to each actor's file under output_dir/logs); library use keeps Ray's streams off
+    log_to_driver = console.mode() is not None
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=log_to_driver)
         console.phase_done("ray", f"joined the cluster at {os.environ['RAY_ADDRESS']}", start)
