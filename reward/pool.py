@@ -17,6 +17,7 @@ import sys
 import time
 from collections import Counter
 
+from home_rl.console import actor_env, capture_output, phase_done
 from home_rl.errors import ConfigError, ray_get
 from reward.config import RewardConfig, check_reward_config, validate_sources
 from reward.registry import absolute_spec, get_verifier, is_batched, is_user_registered
@@ -29,7 +30,8 @@ logger = logging.getLogger(__name__)
 class RewardWorker:
     """One reward actor: plans a chunk's verifier calls, runs them in its sandbox, assembles results."""
 
-    def __init__(self, cfg: RewardConfig, setup: dict):
+    def __init__(self, cfg: RewardConfig, setup: dict, rank: int = 0):
+        capture_output(f"reward-{rank}")  # first: the sandbox process inherits the log file as its stdout/stderr
         self.cfg = cfg
         self.batched = {spec: ref["batched"] for spec, ref in setup["verifiers"].items()}
         self.sandbox = Sandbox(setup)
@@ -58,9 +60,11 @@ class RewardPool:
                    for source, entries in cfg.sources.items()}
         self.cfg = dataclasses.replace(cfg, sources=sources)
         setup = {"sys_path": list(sys.path), "verifiers": _verifier_refs(self.cfg)}
-        worker = ray.remote(RewardWorker).options(**cfg.resources.actor_options())
-        self.workers = [worker.remote(self.cfg, setup) for _ in range(cfg.num_workers)]
+        start = time.perf_counter()
+        worker = ray.remote(RewardWorker).options(**cfg.resources.actor_options(), runtime_env={"env_vars": actor_env()})
+        self.workers = [worker.remote(self.cfg, setup, rank) for rank in range(cfg.num_workers)]
         ray_get([w.ready.remote() for w in self.workers])  # a sandbox that cannot start fails here, not mid-run
+        phase_done("reward", f"{cfg.num_workers} worker{'s' * (cfg.num_workers > 1)} ready", start)
         self.failure_totals: Counter = Counter()
         self._logged: set[tuple[str, str]] = set()
 

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from home_rl.config import to_dict
+from home_rl.console import actor_env, phase_done
 from home_rl.errors import ray_get
 from home_rl.learner.batch import Sequence, split_for_ranks
 from home_rl.learner.config import LearnerConfig
@@ -37,6 +38,7 @@ class LearnerGroup:
                  placement: Any = None):
         import ray
 
+        start = time.perf_counter()
         self.cfg = cfg
         self.world_size = cfg.num_learners
         if placement is not None:
@@ -45,7 +47,7 @@ class LearnerGroup:
             gpus = cfg.gpus_per_learner(ray.cluster_resources().get("GPU", 0))
             options = [cfg.resources.actor_options(gpus)] * self.world_size
         threads = cfg.resources.num_threads()
-        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **actor_env()}
         if not options[0]["num_gpus"]:
             env["DS_ACCELERATOR"] = "cpu"
         actor = ray.remote(LearnerWorker)
@@ -57,6 +59,7 @@ class LearnerGroup:
         except BaseException:
             self.shutdown()
             raise
+        phase_done("learners", f"{self.world_size} ready", start)
 
     # ------------------------------------------------------------------ calls on every rank
 

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from home_rl.console import capture_output
 from home_rl.learner.batch import Sequence, collate, micro_batches
 from home_rl.learner.config import LearnerConfig, trainable_patterns
 from home_rl.learner.losses import LossInputs, resolve_loss, router_ce, token_log_probs
@@ -64,6 +65,7 @@ def bf16_supported(device: torch.device) -> bool:
 
 class LearnerWorker:
     def __init__(self, rank: int, world_size: int, cfg: dict, threads: int):
+        capture_output(f"learner-{rank}")  # first: DeepSpeed's and torch's output goes to the run's logs/
         self.rank, self.world_size = rank, world_size
         self.cfg = LearnerConfig(**cfg)
         torch.set_num_threads(max(1, threads))

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from home_rl.console import actor_env, phase_done
 from home_rl.errors import HomeRLError, ray_get
 from home_rl.rollout.config import RolloutConfig, check_rollout_config
 from home_rl.rollout.inputs import as_vllm_prompt
@@ -77,6 +78,7 @@ class RolloutPool:
         after the view on disk, once update_weights has run (without one, a worker lost after an update
         cannot be replaced)."""
         check_rollout_config(cfg)
+        start = time.perf_counter()
         self.cfg, self.model_path = cfg, str(model_path)
         self.placement = placement
         self.weights_source = weights_source
@@ -84,13 +86,14 @@ class RolloutPool:
         self.restarts = 0
         self.workers = [self._start(rank) for rank in range(cfg.num_workers)]
         self.info = ray_get([w.ready.remote() for w in self.workers])
+        phase_done("rollout", f"{cfg.num_workers} vLLM worker{'s' * (cfg.num_workers > 1)} ready", start)
 
     def _start(self, rank: int):
         import ray
 
         options = self.placement.rollout_options(rank) if self.placement else self.cfg.resources.actor_options()
         actor = ray.remote(RolloutWorker).options(**options,
-                                                   runtime_env={"env_vars": engine_env(self.cfg)})
+                                                   runtime_env={"env_vars": {**engine_env(self.cfg), **actor_env()}})
         return actor.remote(self.model_path, self.cfg, rank)
 
     def _restart(self, rank: int, error: BaseException) -> None:

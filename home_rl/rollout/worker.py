@@ -17,6 +17,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from home_rl.console import capture_output
 from home_rl.errors import ModelError
 from home_rl.rollout.config import RolloutConfig, check_rollout_config
 from home_rl.rollout.engine_ext import hold_incomplete, missing_fused_parts, pack_bucket
@@ -58,6 +59,7 @@ def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], max_mb: floa
 
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig, rank: int = 0):
+        capture_output(f"rollout-{rank}")  # first: vLLM's output goes to the run's logs/ (a no-op in-process)
         check_rollout_config(cfg)
         os.environ.update(engine_env(cfg))
         if cfg.kv_cache_gib > 0:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from home_rl.errors import HomeRLError
 from home_rl.experts import EXPERTS
 from home_rl.model.router import Router
+from home_rl.console import actor_env, capture_output
 from home_rl.resources import Resources
 from home_rl.router.config import RouterTrainConfig
 from home_rl.router.features import compute_features
@@ -219,6 +220,7 @@ class RouterTrainer:
     """
 
     def __init__(self, checkpoint: str, threads: int = 1, device: str = "cpu"):
+        capture_output("router-trainer")  # first: transformers' output goes to the run's logs/
         from home_rl.model import HomeModel
 
         torch.set_num_threads(max(1, threads))
@@ -293,5 +295,5 @@ def start_router_trainer(checkpoint: str, resources: Resources) -> Any:
 
     threads = resources.num_threads()
     actor = ray.remote(RouterTrainer).options(**resources.actor_options(),
-                                              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+                                              runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), **actor_env()}})
     return actor.remote(checkpoint, threads, "cuda" if resources.gpus > 0 else "cpu")

@@ -72,6 +72,7 @@ def cold_start_recipe(name: str) -> dict:
     sft = to_dict(cold_start_config(name, Path("DATA"), Path("OUT")))
     for key in ("resources", "micro_batch_size"):  # where and how fast, not what
         sft["learner"].pop(key)
+    sft["trainer"].pop("console")  # what the console shows, not what is built
     rows = hashlib.sha256(json.dumps(train_rows()).encode()).hexdigest()  # a change of the generators rebuilds too
     recipe = {"plan": TRAIN_PLAN, "seed": TRAIN_SEED, "rows_sha256": rows, "sft": sft}
     return json.loads(json.dumps(recipe))  # as the stamp file reads back (tuples become lists)
@@ -110,14 +111,17 @@ def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
 
     A build killed midway resumes from its last SFT checkpoint on the next call.
     """
-    from home_rl.trainer.sft import run_sft
+    from home_rl.console import phase_done
     from home_rl.model import DTYPES, upcycle
+    from home_rl.trainer.sft import run_sft
 
+    checked = time.perf_counter()
     out = cold_start_dir(name)
     stamp = out.with_name(out.name + ".json")  # the recipe and timings of the cached build
     recipe = cold_start_recipe(name)
     if not force and (out / "config.json").is_file() and stamp.is_file():
         if _same_recipe(json.loads(stamp.read_text()).get("recipe"), recipe):
+            phase_done("cold start", "cached", checked)
             return out
         log.info("the cached cold start %s was built with another recipe: rebuilding", out)
     work = cache_dir() / "cold_start" / name
@@ -135,7 +139,7 @@ def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
     home.save_pretrained(out)  # written to a temporary folder and renamed: a half-written cache is never used
     stamp.write_text(json.dumps({"recipe": recipe, "sft_s": round(sft_s, 1),
                                  "total_s": round(time.perf_counter() - start, 1)}))
-    log.info("cold start of %s: %s (%.0f s)", name, out, time.perf_counter() - start)
+    phase_done("cold start", f"built {out}", checked)
     return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 
 @dataclasses.dataclass
@@ -12,3 +13,6 @@ class TrainerConfig:
     resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | a checkpoint folder
     log_every: int = 10  # steps between console log lines (metrics.jsonl gets every step)
     tensorboard: bool = True  # also write TensorBoard event files under output_dir/tensorboard
+    console: str = "quiet"  # quiet (phases, steps, warnings, errors; library output to output_dir/logs/) | full (all of it on the console)
+
+    CHOICES: ClassVar[dict] = {"console": ("quiet", "full")}

@@ -10,8 +10,10 @@ One path for all of them (GRPO, SFT and the cold start, the router stage, the ev
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -21,6 +23,8 @@ from home_rl.learner.config import LearnerConfig
 from home_rl.resources import Resources
 from home_rl.rollout.config import RolloutConfig
 from reward.config import RewardConfig
+
+log = logging.getLogger(__name__)
 
 
 def ensure_ray(cpus_needed: float) -> bool:
@@ -32,15 +36,27 @@ def ensure_ray(cpus_needed: float) -> bool:
     """
     import ray
 
+    from home_rl import console, leftovers
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if ray.is_initialized():
         return False
+    start = time.perf_counter()
+    # a recipe's console gets what actors print: everything (full), or their home-rl warnings (quiet: the
+    # rest goes to each actor's file under output_dir/logs); library use keeps Ray's streams off
+    log_to_driver = console.mode() is not None
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
+        ray.init(log_to_driver=log_to_driver)
+        console.phase_done("ray", f"joined the cluster at {os.environ['RAY_ADDRESS']}", start)
         return True
+    ended = leftovers.end_dead_sessions()  # what SIGKILLed local runs left behind (see home_rl/leftovers.py)
+    if ended:
+        log.info("ray: ended %s", leftovers.describe(ended))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private runtime of this process: no token to hand out
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed - 1e-9)),
-             include_dashboard=False, log_to_driver=False, configure_logging=False)
+    cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed - 1e-9))
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=log_to_driver,
+             configure_logging=False)
+    console.phase_done("ray", f"local runtime {cpus} CPUs", start)
     return True
 
 
