@@ -22,6 +22,7 @@ from collections import Counter
 from typing import Any, Iterable
 
 from home_rl.errors import ConfigError, HomeRLError, ray_get
+from home_rl.experts import THINK
 from reward.config import RewardConfig, VerifierEntry, check_reward_config, entry_key, entry_label, validate_sources
 from reward.registry import absolute_spec, get_verifier, is_batched, is_user_registered
 from reward.sandbox import Sandbox
@@ -167,12 +168,14 @@ class RewardPool:
 
 
 def probe_sample(row: dict) -> dict:
-    """A sample of `row` for the start-up probe: its answer (the first one of a list) as the response."""
+    """A sample of `row` for the start-up probe: its answer (the first one of a list) as the think expert's response
+    (the drivers name the answering expert in extra_info: GRPO's samples are the think expert's)."""
     answer = row.get("answer")
     response = answer[0] if isinstance(answer, (list, tuple)) and answer else answer
     return {"id": f"probe:{row.get('id')}", "response": "" if response is None else str(response),
-            "ground_truth": answer, "data_source": row["data_source"], "extra_info": row.get("extra_info") or {},
-            "prompt": row.get("prompt"), "columns": row_columns(row)}
+            "ground_truth": answer, "data_source": row["data_source"],
+            "extra_info": {**(row.get("extra_info") or {}), "expert": THINK}, "prompt": row.get("prompt"),
+            "columns": row_columns(row)}
 
 
 def one_line(text: str) -> str:
