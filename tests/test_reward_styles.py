@@ -77,13 +77,16 @@ def test_async_functions_of_a_chunk_run_concurrently(ray_local):
 
 def test_an_explicit_style_settles_a_signature_that_fits_two(ray_local):
     cfg = RewardConfig(num_workers=1, resources=Resources(cpus=0.5), sources={
-        "rm": [VerifierEntry(f"{STYLES}:ambiguous", style="openrlhf")]})
+        "rm": [VerifierEntry(f"{STYLES}:ambiguous", style="openrlhf")],
+        "seq": [VerifierEntry(f"{STYLES}:compute_score_one")]})  # EasyR1's one-at-a-time form, by its parameter
     pool = RewardPool(cfg)
     try:
-        results, _ = pool.score([sample(0, "yes", "abc", "rm"), sample(1, "no", "abc", "rm")])
+        results, _ = pool.score([sample(0, "yes", "abc", "rm"), sample(1, "no", "abc", "rm"),
+                                 sample(2, "7", "7", "seq"), sample(3, "8", "7", "seq")])
     finally:
         pool.shutdown()
-    assert [r["score"] for r in results] == [3.0, 3.0]  # called as OpenRLHF calls it: labels third
+    assert [r["score"] for r in results] == [3.0, 3.0, 1.0, 0.0]  # rm: called as OpenRLHF calls it, labels third
+    assert results[2]["extra"]["compute_score_one"] == {"format": 1.0}
 
 
 # ----------------------------------------------------------------------------- one GRPO step, every style

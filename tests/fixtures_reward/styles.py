@@ -91,3 +91,8 @@ async def concurrent_b(prompts, completions, **kwargs):
 def ambiguous(queries, prompts, labels, completions=None):
     """Fits both OpenRLHF (queries, prompts, labels) and TRL (completions): needs `style`."""
     return [float(len(labels[0]))] * len(queries)
+
+
+def compute_score_one(reward_input):
+    """EasyR1, sequential (reward_type: sequential): one dict in, one dict out."""
+    return {"overall": float(reward_input["response"] == reward_input["ground_truth"]), "format": 1.0}
