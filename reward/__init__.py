@@ -7,8 +7,8 @@
         return float(response.isupper())
 """
 from reward.config import RewardConfig, VerifierEntry, validate_sources
-from reward.pool import RewardPool
+from reward.pool import RewardFailureError, RewardPool
 from reward.registry import get_verifier, known_verifiers, register_verifier
 
-__all__ = ["RewardConfig", "RewardPool", "VerifierEntry", "get_verifier", "known_verifiers",
+__all__ = ["RewardConfig", "RewardFailureError", "RewardPool", "VerifierEntry", "get_verifier", "known_verifiers",
            "register_verifier", "validate_sources"]

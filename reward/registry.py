@@ -1,12 +1,13 @@
 """Where verifiers come from: a decorator, a `file.py:function` string, or a pip package's entry point.
 
-A verifier scores one response:
+A home-rl verifier scores one response:
 
     def my_verifier(response: str, ground_truth, *, data_source: str, extra_info: dict) -> float | dict
 
 A dict result carries `score` plus extra keys that are logged. A batch form is allowed too: mark it
 `batched=True` (decorator argument, or a `batched = True` attribute on the function) and it is called
 once per chunk as `fn(responses, ground_truths, *, data_sources, extra_infos) -> list[float | dict]`.
+Functions written for verl, TRL, OpenRLHF or EasyR1 are called their own way (reward/styles.py).
 A verifier with one-time costs may carry a `warm_up()` attribute: the reward pool's sandbox
 processes call it once at start-up, before any call is timed.
 

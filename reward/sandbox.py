@@ -2,18 +2,21 @@
 
 A Python thread cannot be stopped, and math-verify's own limits use signal.alarm, which only works
 on a main thread; so verifiers run in a separate process that is killed when a call overruns.
-A whole chunk of calls is sent at once and the results stream back one call at a time, so the
+A whole chunk of calls is sent at once and the results stream back one unit at a time, so the
 parent knows which call hung. A killed child is replaced by a spare started in advance, so a
 timeout costs the time limit and not a Python start-up on top.
 
 Protocol over one socket pair (pickled messages):
-    parent -> child   setup {"sys_path", "verifiers": {spec: ref}}, then lists of calls:
-                      (verifier spec, [(response, ground_truth, data_source, extra_info), ...])
-    child -> parent   ("ready",), then for each call a list of outcomes, one per sample:
-                      ("ok", score, extras) | ("exception", message)
+    parent -> child   setup {"sys_path", "verifiers": {key: ref}}, then lists of units; a unit is a list of
+                      calls (verifier key, [cleaned sample, ...], limit_s): one call, or several `async def`
+                      calls that run concurrently, each with its own limit
+    child -> parent   ("ready",), then for each unit one list of outcomes per call, one outcome per sample:
+                      ("ok", score, extras) | ("exception", message) | ("timeout", message)
 """
 from __future__ import annotations
 
+import asyncio
+import inspect
 import math
 import os
 import signal
@@ -25,11 +28,14 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-Call = tuple  # (verifier spec, [(response, ground_truth, data_source, extra_info), ...])
+from reward.styles import arguments, per_sample
+
+Call = tuple  # (verifier key, [cleaned sample, ...], limit_s)
 Outcome = tuple  # ("ok", score, extras) | ("exception", message) | ("timeout", message)
 
 _CHILD_MAIN = "import sys; from reward.sandbox import child_main; child_main(int(sys.argv[1]), int(sys.argv[2]))"
-_MAX_MESSAGE = 500
+_MAX_MESSAGE = 2000
+KILL_GRACE_S = 0.25  # past a call's limit, the parent kills the child: a remote or async call reports its own timeout first
 
 
 class Sandbox:
@@ -42,28 +48,30 @@ class Sandbox:
         self._spare = _Child.start(setup)
         self._child.wait_ready(startup_timeout_s)
 
-    def run(self, calls: list[Call], timeout_s: float) -> list[list[Outcome]]:
-        outcomes: list[list[Outcome]] = []
-        while len(outcomes) < len(calls):
+    def run(self, units: list[list[Call]]) -> list[list[list[Outcome]]]:
+        """Per unit, per call, one outcome per sample; a unit whose child overruns is all timeouts."""
+        outcomes: list[list[list[Outcome]]] = []
+        while len(outcomes) < len(units):
             self._child.wait_ready(self.startup_timeout_s)
-            pending = calls[len(outcomes):]
+            pending = units[len(outcomes):]
             try:
                 self._child.conn.send(pending)
             except OSError:  # it died between runs: replace it and send again
                 self._replace()
                 continue
-            for _, items in pending:
-                limit = timeout_s * len(items)
+            for unit in pending:
+                limit = max(call[2] for call in unit)
                 try:
-                    ready = self._child.conn.poll(limit)
+                    ready = self._child.conn.poll(limit + KILL_GRACE_S)
                     result = self._child.conn.recv() if ready else None
                 except (EOFError, OSError):
                     code = self._child.proc.poll()
-                    outcomes.append([("exception", f"verifier process died (exit code {code})")] * len(items))
+                    outcomes.append([[("exception", f"verifier process died (exit code {code})")] * len(items)
+                                     for _, items, _ in unit])
                     self._replace()
                     break
                 if result is None:
-                    outcomes.append([("timeout", f"no result within {limit:g} s")] * len(items))
+                    outcomes.append([[("timeout", f"no result within {limit:g} s")] * len(items) for _, items, _ in unit])
                     self._replace()
                     break
                 outcomes.append(result)
@@ -134,20 +142,25 @@ def child_main(fd: int, parent_pid: int) -> None:
     setup = conn.recv()
     # The driver's import path: modules of pickled verifiers and entry-point folders live there.
     sys.path.extend(p for p in setup["sys_path"] if p not in sys.path)
-    verifiers = {spec: _load(ref) for spec, ref in setup["verifiers"].items()}
+    verifiers = {key: _load(ref) for key, ref in setup["verifiers"].items()}
     conn.send(("ready",))
     while True:
         try:
-            calls = conn.recv()
+            units = conn.recv()
         except EOFError:
             return
-        for spec, items in calls:
-            conn.send(_run_call(verifiers[spec], items))
+        for unit in units:
+            if any(_is_async(verifiers[key]) for key, _, _ in unit):
+                conn.send(asyncio.run(_gather([(verifiers[key], items, limit) for key, items, limit in unit])))
+            else:
+                conn.send([_run_call(verifiers[key], items, limit) for key, items, limit in unit])
 
 
 def _load(ref: dict) -> Any:
-    """(callable, options, batched) for one verifier, or the error that loading it raised."""
+    """(callable, options, convention) for one verifier, or the error that loading it raised."""
     try:
+        if ref["url"]:  # a remote reward: the sandbox posts to it (reward/remote.py)
+            return ref["url"], {}, ref["convention"]
         if ref["pickled"] is not None:
             import cloudpickle
             fn = cloudpickle.loads(ref["pickled"])
@@ -156,28 +169,57 @@ def _load(ref: dict) -> Any:
             fn = get_verifier(ref["spec"])
         if callable(getattr(fn, "warm_up", None)):  # one-time costs before any call is timed
             fn.warm_up()
-        return fn, ref["options"], ref["batched"]
+        return fn, ref["options"], ref["convention"]
     except BaseException as e:  # reported on every call of this verifier
         return _describe(e)
 
 
-def _run_call(verifier: Any, items: list) -> list[Outcome]:
+def _is_async(verifier: Any) -> bool:
+    return not isinstance(verifier, str) and verifier[2].asynchronous
+
+
+def _run_call(verifier: Any, items: list, limit_s: float) -> list[Outcome]:
     if isinstance(verifier, str):
         return [("exception", f"could not load the verifier here: {verifier}")] * len(items)
-    fn, options, batched = verifier
+    fn, options, conv = verifier
     try:
-        if batched:
-            responses, truths, sources, infos = (list(column) for column in zip(*items))
-            values = fn(responses, truths, data_sources=sources, extra_infos=infos, **options)
-            if not isinstance(values, (list, tuple)) or len(values) != len(items):
-                raise TypeError(f"a batched verifier must return a list of {len(items)} results, "
-                                f"got {type(values).__name__}")
+        if conv.style == "remote":
+            from reward.remote import post
+            value = post(fn, items, limit_s)
         else:
-            response, truth, source, info = items[0]
-            values = [fn(response, truth, data_source=source, extra_info=info, **options)]
+            args, kwargs = arguments(conv, items, options)
+            value = fn(*args, **kwargs)
+            if inspect.isawaitable(value):  # an async __call__ the signature check did not see
+                value = asyncio.run(_awaited(value))
+        values = per_sample(conv, value, len(items))
+    except TimeoutError as e:  # a remote server that did not answer in time
+        return [("timeout", _describe(e))] * len(items)
     except BaseException as e:  # SystemExit too: a verifier must never end the worker
         return [("exception", _describe(e))] * len(items)
     return [_outcome(v) for v in values]
+
+
+async def _awaited(value: Any) -> Any:
+    return await value
+
+
+async def _gather(calls: list[tuple]) -> list[list[Outcome]]:
+    """A unit's calls concurrently (async verifiers), each within its own limit."""
+    async def one(verifier: Any, items: list, limit_s: float) -> list[Outcome]:
+        if isinstance(verifier, str) or not verifier[2].asynchronous:
+            return _run_call(verifier, items, limit_s)
+        fn, options, conv = verifier
+        try:
+            args, kwargs = arguments(conv, items, options)
+            value = await asyncio.wait_for(fn(*args, **kwargs), limit_s)
+            values = per_sample(conv, value, len(items))
+        except TimeoutError:
+            return [("timeout", f"no result within {limit_s:g} s")] * len(items)
+        except BaseException as e:
+            return [("exception", _describe(e))] * len(items)
+        return [_outcome(v) for v in values]
+
+    return list(await asyncio.gather(*(one(*call) for call in calls)))
 
 
 def _outcome(value: Any) -> Outcome:

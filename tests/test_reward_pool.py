@@ -78,7 +78,8 @@ def entry_point_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pool(ray_local, entry_point_dir):
-    cfg = RewardConfig(num_workers=2, resources=Resources(cpus=0.5), timeout_s=TIMEOUT_S)
+    # max_failure_rate=1.0: these tests fail verifiers on purpose and must see every batch's results
+    cfg = RewardConfig(num_workers=2, resources=Resources(cpus=0.5), timeout_s=TIMEOUT_S, max_failure_rate=1.0)
     cfg.sources.update({
         "file": [VerifierEntry(f"{FIXTURES / 'keyword_verifier.py'}:mentions_keyword")],
         "entry": [VerifierEntry("shout")],
@@ -126,7 +127,7 @@ def test_builtins_through_the_pool_keep_order(pool):
     assert metrics["reward/accuracy"] == pytest.approx(5 / 6)
     assert metrics["reward/by_source/math/accuracy"] == pytest.approx(2 / 3)
     assert metrics["reward/failures"] == 0
-    assert metrics["reward/math/has_answer"] == 1.0
+    assert metrics["reward/verifier/math/math/has_answer"] == 1.0
 
 
 def test_plugin_verifiers_of_every_kind(pool):
@@ -147,7 +148,7 @@ def test_plugin_verifiers_of_every_kind(pool):
     assert by_id["f1"]["extra"]["mentions_keyword"] == {"length": len("<answer>The cat</answer>")}
     assert by_id["d2"]["scores"] == {"test_pool_parity": 0.0}
     assert [by_id[i]["score"] for i in ("b1", "b2", "b3")] == [2.0, 0.0, 2.0]  # weight 2
-    assert metrics["reward/test_pool_parity/length"] == pytest.approx(2.5)
+    assert metrics["reward/verifier/decorated/test_pool_parity/length"] == pytest.approx(2.5)
     assert metrics["reward/failures"] == 0
 
 
@@ -159,14 +160,14 @@ def test_a_hanging_verifier_scores_zero_within_its_limit(pool, source):
     assert elapsed < TIMEOUT_S + 1.0
     assert results[0]["score"] == 0.0
     assert results[0]["error"][f"test_pool_{source}"]["kind"] == "timeout"
-    assert metrics[f"reward/failures/test_pool_{source}/timeout"] == 1
+    assert metrics[f"reward/failures/{source}/test_pool_{source}/timeout"] == 1
     # The run goes on: hangs among good samples cost their own limit only, the rest is scored.
     mixed = [sample(0, "<answer>2</answer>", "2"), sample(1, "x", None, source), sample(2, "<answer>3</answer>", "3"),
              sample(3, "y", None, source), sample(4, "<answer>4</answer>", "5")]
     results, metrics = pool.score(mixed)
     assert [r["accuracy"] for r in results] == [1.0, 0.0, 1.0, 0.0, 0.0]
     assert [("error" in r) for r in results] == [False, True, False, True, False]
-    assert metrics[f"reward/failures/test_pool_{source}/timeout"] == 2
+    assert metrics[f"reward/failures/{source}/test_pool_{source}/timeout"] == 2
 
 
 def test_exceptions_are_counted_and_the_first_is_logged(pool, caplog):
@@ -179,15 +180,24 @@ def test_exceptions_are_counted_and_the_first_is_logged(pool, caplog):
     assert results[1]["error"]["test_pool_raises"]["kind"] == "exception"
     assert "RuntimeError: cannot judge 'awful'" in results[1]["error"]["test_pool_raises"]["message"]
     assert results[3]["score"] == 1.0 and results[3]["accuracy"] == 1.0  # math right, the raiser counts 0
-    assert metrics["reward/failures/test_pool_raises/exception"] == 3
-    assert metrics["reward/failures/test_pool_raises/timeout"] == 0
-    logged = [r.getMessage() for r in caplog.records if "test_pool_raises" in r.getMessage()]
-    assert len(logged) == 1  # only the first failure of this kind
-    assert "id='bad-1'" in logged[0] and "cannot judge 'awful'" in logged[0]
+    # counted per data source and verifier entry: the same function fails in two sources, under two keys
+    assert metrics["reward/failures/raises/test_pool_raises/exception"] == 2
+    assert metrics["reward/failures/partial/test_pool_raises/exception"] == 1
+    assert metrics["reward/failures/raises/test_pool_raises/timeout"] == 0
+    messages = [r.getMessage() for r in caplog.records]
+    firsts = [m for m in messages if "first exception" in m]
+    assert len(firsts) == 2  # the first failure of each (source, verifier, kind), whole
+    assert any("id='bad-1'" in m and "cannot judge 'awful'" in m and "'raises'" in m for m in firsts)
+    summaries = [m for m in messages if m.startswith("reward failures in this batch")]
+    assert len(summaries) == 1
+    assert "raises/test_pool_raises 2/3 (2 exception)" in summaries[0]
+    assert "partial/test_pool_raises 1/1 (1 exception)" in summaries[0]
     caplog.clear()
     pool.score([sample("bad-3", "again", None, "raises")])
-    assert not [r for r in caplog.records if "test_pool_raises" in r.getMessage()]
-    assert pool.failure_totals[("test_pool_raises", "exception")] >= 4
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "first exception" in m]  # already logged once
+    assert [m for m in messages if m.startswith("reward failures in this batch")]  # but every batch says it failed
+    assert pool.failure_totals[("raises", "test_pool_raises", "exception")] >= 3
 
 
 def test_bad_results_and_dying_verifiers_are_failures(pool):

@@ -70,7 +70,7 @@ class ViewsRun:
 
         assert self.rollout_cfg is not None, "ViewsRun(rollout=None) places no rollout workers"
         self.rewards = self.rewards or RewardPool(self.reward_cfg)
-        self.rewards.validate_sources({r["data_source"] for r in rows})
+        self.rewards.check(rows)
         return rollout_both(self.trainer, rows, processor, data_cfg, self.rollout_cfg, self.rewards, self.views_dir,
                             seed, placement=self.placement)
 
@@ -117,7 +117,7 @@ def rollout_both(trainer: Any, rows: Sequence[dict], processor: Any, data_cfg: D
                     groups += result.samples
                     bar.update(len(result.samples))
             t2 = time.perf_counter()
-            to_score = reward_inputs(rows, groups, expert)
+            to_score = reward_inputs(rows, groups, expert, rendered)
             scores, _ = rewards.score(to_score) if to_score else ([], {})
             it = iter(scores)
             stats = [expert_stats([next(it) for _ in group], [len(s.response_ids) for s in group]) for group in groups]

@@ -78,7 +78,7 @@ class GRPOThinkTrainer:
             # every actor's resources are checked before any starts: what the cluster lacks fails now, by name
             self.placement = job_placement(cfg.cluster, learner=cfg.learner, rollout=cfg.rollout, reward=cfg.reward)
             self.rewards = RewardPool(cfg.reward)
-            self.rewards.validate_sources({r["data_source"] for r in self.rows})  # unmapped sources fail now
+            self.rewards.check(self.rows)  # unmapped sources and verifiers that cannot score a real row fail now
             self.rollout = RolloutPool(str(export_think_view(self.home_dir, self.out)), cfg.rollout, self.placement,
                                        weights_source=self.think_weights)
             self.learner = LearnerGroup(cfg.learner, str(self.home_dir), dtype=cfg.model.dtype,
@@ -113,7 +113,7 @@ class GRPOThinkTrainer:
         with timer("rollout"):
             samples = self.rollout.generate(prompts, n=n, seed=seed).samples
         with timer("reward"):
-            scores, pool_metrics = self.rewards.score(reward_inputs(rows, samples, THINK))
+            scores, pool_metrics = self.rewards.score(reward_inputs(rows, samples, THINK, prompts))
         it = iter(scores)
         groups = [ScoredGroup(row, prompt, group, [next(it) for _ in group])
                   for row, prompt, group in zip(rows, prompts, samples)]

@@ -117,9 +117,16 @@ def load_processor(model_dir: str | Path) -> Any:
     return transformers.AutoTokenizer.from_pretrained(model_dir)
 
 
-def reward_inputs(rows: Sequence[dict], groups: Sequence[Sequence[Any]], expert: str) -> list[dict]:
+def reward_inputs(rows: Sequence[dict], groups: Sequence[Sequence[Any]], expert: str,
+                  prompts: Optional[Sequence[Any]] = None) -> list[dict]:
     """What the reward pool scores: every sample of `groups[i]` (answers to `rows[i]`) with its row's answer,
-    source and extra_info, the answering expert named so the format verifier checks that expert's template."""
+    source, extra_info, prompt and other columns, the answering expert named so the format verifier checks that
+    expert's template; `prompts[i]` (RenderedPrompt) gives the templated prompt text that some styles read."""
+    from reward.scoring import row_columns
+
+    texts = [p.text for p in prompts] if prompts is not None else [None] * len(rows)
     return [{"id": f"{row['id']}#{expert}#{s.sample_index}", "response": s.text, "ground_truth": row["answer"],
-             "data_source": row["data_source"], "extra_info": {**(row.get("extra_info") or {}), "expert": expert}}
-            for row, group in zip(rows, groups) for s in group]
+             "data_source": row["data_source"], "extra_info": {**(row.get("extra_info") or {}), "expert": expert},
+             "prompt": row.get("prompt"), "prompt_text": text, "response_ids": list(s.response_ids),
+             "columns": row_columns(row)}
+            for row, text, group in zip(rows, texts, groups) for s in group]
