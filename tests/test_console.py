@@ -114,7 +114,9 @@ def test_the_next_local_start_ends_what_a_sigkilled_driver_left(tiny_home, tmp_p
     finally:
         driver.send_signal(signal.SIGKILL)  # as the OOM killer does: no finally block, no atexit
         driver.wait()
-    time.sleep(10)  # the raylet and the workers go with the driver; the agents stay (Ray 2.60)
+    # the raylet and the workers go with the driver; the agents stay (Ray 2.60), older by now than
+    # leftovers.MIN_AGE_S: they started with the runtime, before the actors and the first step
+    time.sleep(10)
     left = {pid: args for pid, args in ours.items() if ps().get(pid, (0, ""))[1] == args}
     assert left and all(a.startswith("ray::") for a in left.values()), left
 
