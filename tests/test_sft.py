@@ -150,6 +150,22 @@ def test_cold_start_rows_follow_the_plan_and_the_recipe_reads_back_equal():
     assert len(held_out) == 50 and not {r["prompt"] for r in held_out} & {r["prompt"] for r in rows}
 
 
+def test_a_cold_start_stamp_from_before_a_new_knob_still_matches():
+    """A knob added since the cache was stamped (here data.answer_key) must not rebuild the cold start; a
+    changed setting must."""
+    import copy
+
+    from home_rl.trainer.cold_start import _same_recipe, cold_start_recipe
+
+    recipe = cold_start_recipe("smollm2")
+    older = copy.deepcopy(recipe)
+    del older["sft"]["data"]["answer_key"]
+    older["sft"]["learner"]["node_resource"] = ""  # stamped before the learner's resources had their own section
+    assert _same_recipe(older, recipe)
+    older["sft"]["learner"]["lr"] *= 2
+    assert not _same_recipe(older, recipe) and not _same_recipe(None, recipe)
+
+
 @pytest.mark.slow
 def test_cold_start_teaches_both_output_templates():
     """The embedded default's cold start (built once, then cached): >= 90% well-formed answers per template."""

@@ -72,19 +72,20 @@ def cold_start_recipe(name: str) -> dict:
     sft = to_dict(cold_start_config(name, Path("DATA"), Path("OUT")))
     for key in ("resources", "micro_batch_size"):  # where and how fast, not what
         sft["learner"].pop(key)
-    sft["trainer"].pop("console")  # what the console shows, not what is built
     rows = hashlib.sha256(json.dumps(train_rows()).encode()).hexdigest()  # a change of the generators rebuilds too
     recipe = {"plan": TRAIN_PLAN, "seed": TRAIN_SEED, "rows_sha256": rows, "sft": sft}
     return json.loads(json.dumps(recipe))  # as the stamp file reads back (tuples become lists)
 
 
 def _same_recipe(stamped: Optional[dict], recipe: dict) -> bool:
-    """Whether a cached build was made with `recipe`. Builds stamped before the learner's resources moved into
-    `learner.resources` carry its `node_resource` (where, not what): it decides nothing, so it is not compared."""
-    if stamped is None:
-        return False
-    stamped = json.loads(json.dumps(stamped))
-    stamped.get("sft", {}).get("learner", {}).pop("node_resource", None)
+    """Whether a cached build was made with `recipe`: every setting both name is equal.
+
+    A key only one side names is a config knob added or removed since the stamp was written (data.answer_key,
+    learner.node_resource before it moved into learner.resources): the build above sets none of them, so it
+    ran with their defaults either way, and a new knob must not rebuild everyone's cache.
+    """
+    if isinstance(stamped, dict) and isinstance(recipe, dict):
+        return all(_same_recipe(stamped[k], recipe[k]) for k in stamped.keys() & recipe.keys())
     return stamped == recipe
 
 
