@@ -172,5 +172,7 @@ def test_production_config_loads_with_its_placement():
 
     cfg = load_config(GRPOThinkConfig, ["--config", str(REPO / "recipes/configs/qwen2_5_vl_7b_8gpu.yaml"),
                                         "--config", str(REPO / "recipes/configs/two_nodes.yaml")])
-    assert cfg.cluster.mode in ("disaggregated", "colocated")
+    # the layered file's values win: its mode, wait and counts (the 8-GPU file alone has 4 workers, 4 learners)
+    assert cfg.cluster.mode == "disaggregated" and cfg.cluster.resource_wait_s == 900
+    assert cfg.rollout.num_workers == 8 and cfg.learner.num_learners == 8 and cfg.rollout.gpus_per_worker == 1
     assert cfg.rollout.node_resource == "rollout" and cfg.learner.node_resource == "learner"
