@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from home_rl.model import upcycle
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -105,9 +104,9 @@ def stop_cluster(temp_dir: str) -> None:
     assert not ours(), "processes of the test's Ray cluster outlived SIGKILL"
 
 
-def test_ray_job_submit_runs_the_main_job(ray_head, tiny_model, tmp_path):
+def test_ray_job_submit_runs_the_main_job(ray_head, tiny_home, tmp_path):
     ray_head, temp = ray_head
-    home = upcycle(tiny_model("qwen2")).save_pretrained(tmp_path / "home")
+    home = tiny_home("qwen2")
     args = [f"model.path={home}", "model.dtype=float32", f"output_dir={tmp_path / 'run'}", "trainer.total_steps=2",
             "synthetic_rows=16", "data.prompts_per_step=4", "rollout.n=2", "rollout.max_response_tokens=8",
             "rollout.dtype=float32", "rollout.kv_cache_gib=0.5", "rollout.max_model_len=768",
