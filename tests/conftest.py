@@ -1,4 +1,5 @@
-"""Session-wide fixtures: tiny models are built once, Ray is started once, for the whole test run."""
+"""Session-wide fixtures: tiny models and tiny HOME checkpoints are built once, Ray is started once,
+for the whole test run."""
 from __future__ import annotations
 
 import os
@@ -26,6 +27,37 @@ def tiny_model(tmp_path_factory):
         if arch not in built:
             built[arch] = build_tiny_model(arch, root / arch)
         return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_home(tiny_model, tmp_path_factory):
+    """tiny_home('qwen2' | 'qwen2_5_vl', **upcycle_options) -> folder of a HOME checkpoint upcycled from
+    tiny_model(arch), built once per session and options. It is shared: a test that changes a checkpoint
+    copies it first (shutil.copytree). Each call checks that no earlier test changed it (where tests run as
+    root, read-only files would not stop one)."""
+    import torch
+
+    from home_rl.model import upcycle
+
+    root = tmp_path_factory.mktemp("tiny_homes")
+    built: dict[tuple, tuple[Path, dict]] = {}
+
+    def stamp(folder: Path) -> dict:
+        return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+    def get(arch: str, **options) -> Path:
+        key = (arch, *sorted(options.items()))
+        if key not in built:
+            name = "-".join([arch] + [f"{k}={v}" for k, v in sorted(options.items())])
+            torch.manual_seed(0)  # the router's random init: the same checkpoint whichever test asks first
+            folder = upcycle(tiny_model(arch), **options).save_pretrained(root / name)
+            built[key] = folder, stamp(folder)
+        folder, files = built[key]
+        if stamp(folder) != files:
+            pytest.fail(f"an earlier test changed the shared checkpoint {folder}: copy it before changing it")
+        return folder
 
     return get
 

@@ -15,7 +15,6 @@ import yaml
 from home_rl.cluster import Bundle, ClusterConfig, ClusterResourceError, shortage
 from home_rl.learner.config import LearnerConfig
 from home_rl.resources import Resources
-from home_rl.model import upcycle
 from home_rl.rollout import RolloutConfig, RolloutPool
 from home_rl.trainer.startup import job_placement
 
@@ -72,9 +71,9 @@ def test_colocated_pairs_share_a_bundle(ray_local):
         placement.shutdown()
 
 
-def test_the_job_cli_fails_before_any_actor_starts_on_missing_resources(tiny_model, tmp_path):
+def test_the_job_cli_fails_before_any_actor_starts_on_missing_resources(tiny_home, tmp_path):
     # how long this takes is measured by benchmarks/fail_fast.py, not asserted here
-    home = upcycle(tiny_model("qwen2")).save_pretrained(tmp_path / "home")
+    home = tiny_home("qwen2")
     proc = subprocess.run([sys.executable, str(REPO / "recipes/grpo_think.py"), f"model.path={home}",
                            f"output_dir={tmp_path / 'run'}", "synthetic_rows=8", "data.prompts_per_step=4",
                            "rollout.gpus_per_worker=8"],
@@ -121,9 +120,9 @@ def test_a_dead_rollout_worker_is_restarted_at_the_current_weights(tiny_model, r
 
 
 @pytest.mark.slow
-def test_job_on_labelled_nodes_survives_a_lost_worker_and_a_new_worker_count(tiny_model, tmp_path):
+def test_job_on_labelled_nodes_survives_a_lost_worker_and_a_new_worker_count(tiny_home, tmp_path):
     """Two Ray nodes (learner, rollout) on this machine; actors read back from Ray's state API."""
-    home = upcycle(tiny_model("qwen2")).save_pretrained(tmp_path / "home")
+    home = tiny_home("qwen2")
     proc = subprocess.run([sys.executable, str(REPO / "tests/cluster_job.py"), str(home), str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=900, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
@@ -179,5 +178,7 @@ def test_production_config_loads_with_its_placement():
 
     cfg = load_config(GRPOThinkConfig, ["--config", str(REPO / "recipes/configs/qwen2_5_vl_7b_8gpu.yaml"),
                                         "--config", str(REPO / "recipes/configs/two_nodes.yaml")])
-    assert cfg.cluster.mode in ("disaggregated", "colocated")
+    # the layered file's values win: its mode, wait and counts (the 8-GPU file alone has 4 workers, 4 learners)
+    assert cfg.cluster.mode == "disaggregated" and cfg.cluster.resource_wait_s == 900
+    assert cfg.rollout.num_workers == 8 and cfg.learner.num_learners == 8 and cfg.rollout.resources.gpus == 1
     assert cfg.rollout.resources.node_resource == "rollout" and cfg.learner.resources.node_resource == "learner"

@@ -2,21 +2,37 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from home_rl.model import FAST, HomeModel, upcycle
+from home_rl.model import FAST, HomeModel
 from home_rl.rollout.config import RolloutConfig
 from home_rl.trainer.grpo_think import GRPOThinkConfig, train
+from reward import get_verifier
 from reward.config import VerifierEntry
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = str(REPO / "tests/fixtures/grpo_rewards.py") + ":digit_share"
+LEADING_DIGIT = str(REPO / "tests/fixtures/grpo_rewards.py") + ":leading_digit"
+# The rising-reward run. One response token decides the reward, so only it is sampled. Measured with
+# seed 0, the same numbers in three runs: held-out reward 0.234 -> 0.578, the steps' reward 0.22 -> 0.66
+# (first two vs last two steps); the test took 58-84 s (load average about 10), 19-28 s of it the steps.
+# While choosing: lr 0.05 for 12 steps reached only 0.30 held out; two response tokens with 8 prompts
+# a step plateaued near 0.35 over 40 steps, and with 4 prompts at lr 0.01 crept 0.19 -> 0.31 in 20:
+# larger or noisier steps wander instead of climbing.
+RISE_STEPS = 20
+RISE_SETTINGS = dict(data__prompts_per_step=16, rollout__max_response_tokens=1, learner__lr=0.02,
+                     algorithm__kl_coef=0.0, trainer__save_every=0, eval__rows=8, eval__n=8)
+RISE_MARGIN = 0.2
 
 
 def tiny_config(home: Path, out: Path, steps: int, **overrides) -> GRPOThinkConfig:
@@ -40,79 +56,178 @@ def tiny_config(home: Path, out: Path, steps: int, **overrides) -> GRPOThinkConf
     return cfg
 
 
-@pytest.fixture(scope="module")
-def tiny_home(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo") / "home"
-    return upcycle(tiny_model("qwen2")).save_pretrained(out)
-
-
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def read_rollouts(out: Path, step: int) -> list[dict]:
+    return [json.loads(line) for line in (out / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+
+
 def rollout_ids(out: Path, step: int) -> list[tuple]:
-    lines = (out / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()
-    return [(r["id"], r["sample"], r["response"]) for r in map(json.loads, lines)]
+    return [(r["id"], r["sample"], r["response"]) for r in read_rollouts(out, step)]
 
 
-def test_grpo_trains_only_the_think_expert_and_resumes_exactly(tiny_home, ray_local, tmp_path):
-    out = tmp_path / "run"
-    final = train(tiny_config(tiny_home, out, steps=3))
+def score_groups(samples: list[dict], n: int) -> list[list[float]]:
+    """The scores of each prompt's group, in the order the step sampled them (a group's n samples are adjacent)."""
+    assert len(samples) % n == 0 and [s["sample"] for s in samples] == list(range(n)) * (len(samples) // n)
+    return [[s["score"] for s in samples[i:i + n]] for i in range(0, len(samples), n)]
 
-    metrics = read_metrics(out)
+
+def zero_std_share(groups: list[list[float]]) -> float:
+    return sum(len(set(g)) == 1 for g in groups) / len(groups)
+
+
+# ----------------------------------------------------------------------------- one 3-step run, several tests
+
+
+@pytest.fixture(scope="module")
+def run(tiny_home, ray_local, tmp_path_factory):
+    """One 3-step run on the tiny text model; the tests below each check one thing it did (it runs once)."""
+    home = tiny_home("qwen2")
+    out = tmp_path_factory.mktemp("grpo") / "run"
+    cfg = tiny_config(home, out, steps=3)
+    final = Path(train(cfg))
+    return SimpleNamespace(home=home, out=out, final=final, cfg=cfg, metrics=read_metrics(out))
+
+
+def test_each_step_logs_metrics_that_agree_with_its_rollouts(run):
+    cfg, metrics = run.cfg, run.metrics
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    for key in ("reward/mean", "reward/std", "accuracy", "response_length/mean", "response_length/max",
-                "actor/clip_frac", "actor/kl", "actor/entropy", "actor/grad_norm", "zero_std_frac",
-                "timing/rollout_s", "timing/reward_s", "timing/reference_s", "timing/update_s",
-                "timing/weight_sync_s", "timing/step_s", "throughput/tokens_per_s", "reward/math/mean"):
-        assert key in metrics[0], key
-    assert (out / "config.yaml").is_file() and (out / "plots" / "overview.png").is_file()
-    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [0, 3] and evals[0]["eval/prompts"] == 4  # held-out: before and after
-    assert "eval/accuracy" in metrics[-1] and "eval/accuracy" not in metrics[0]
-    assert any((out / "tensorboard").iterdir())
+    n, want = cfg.rollout.n, cfg.data.prompts_per_step
+    verifier = get_verifier(DIGITS)
+    vocab = json.loads((run.home / "config.json").read_text())["vocab_size"]
+    kls = []
+    for m in metrics:
+        samples = read_rollouts(run.out, m["step"])
+        assert len(samples) == want * n and all(s["trained"] for s in samples)  # no filtering in this run
+        # the step sampled with the weights of the step before: the learners' update reached the engines
+        assert {s["weights_version"] for s in samples} == {m["step"] - 1}
+        scores = [s["score"] for s in samples]
+        assert scores == [verifier(s["response"], None, data_source="math", extra_info={}) for s in samples]
+        assert m["reward/mean"] == pytest.approx(np.mean(scores), abs=1e-9)
+        assert m["reward/std"] == pytest.approx(np.std(scores), abs=1e-9)
+        # one verifier of weight 1 on one data source: accuracy, the per-source and the trained mean are the reward
+        for key in ("accuracy", "reward/math/mean", "reward/trained_mean"):
+            assert m[key] == pytest.approx(m["reward/mean"], abs=1e-9), key
+        assert m["zero_std_frac"] == zero_std_share(score_groups(samples, n)) and m["regenerations"] == 0
 
-    # only think-expert tensors changed; the KL reference copy is not saved
-    before, after = load_file(tiny_home / "model.safetensors"), load_file(Path(final) / "model.safetensors")
-    assert before.keys() == after.keys()
+        length_share = np.mean([s["finish"] == "length" for s in samples])
+        assert m["response_length/clip_frac"] == pytest.approx(length_share)
+        assert m["response_length/mean"] <= m["response_length/max"] <= cfg.rollout.max_response_tokens
+        assert (m["response_length/max"] == cfg.rollout.max_response_tokens) == (length_share > 0)
+        generated = m["response_length/mean"] * len(samples)
+        assert m["throughput/generated_tokens_per_s"] * m["timing/rollout_s"] == pytest.approx(generated, rel=1e-6)
+        assert m["throughput/tokens_per_s"] * m["timing/step_s"] > generated  # prompt tokens count too
+        phases = ("rollout_s", "reward_s", "old_log_prob_s", "reference_s", "update_s", "weight_sync_s")
+        assert all(m[f"timing/{p}"] >= 0 for p in phases)
+        assert m["timing/step_s"] >= sum(m[f"timing/{p}"] for p in phases)  # the phases are disjoint parts of it
+
+        # one epoch of one mini-batch: the old policy is the current one, so the PPO ratio is exactly 1
+        assert m["actor/clip_frac"] == 0 and m["actor/ppo_kl"] == 0
+        assert m["actor/lr"] == pytest.approx(cfg.learner.lr) and m["actor/grad_norm"] > 0
+        assert 0 < m["actor/entropy"] <= math.log(vocab)
+        kls.append(m["actor/kl"])
+    # KL to the frozen initial think expert: none before the first update, some after it
+    assert kls[0] == pytest.approx(0, abs=1e-6) and min(kls[1:]) > 1e-4, kls
+
+
+def test_the_run_writes_a_config_that_loads_again_plots_and_tensorboard(run):
+    from home_rl.config import load_config
+
+    again = load_config(GRPOThinkConfig, ["--config", str(run.out / "config.yaml")])
+    assert again.model.path == str(run.home) and again.trainer.total_steps == 3 and again.rollout.n == 4
+    assert again.learner.lr == run.cfg.learner.lr and again.data.path == str(run.out / "data" / "data.jsonl")
+    assert (run.out / "plots" / "overview.png").is_file()
+    assert any((run.out / "tensorboard").iterdir())
+
+
+def test_the_think_view_is_scored_on_held_out_prompts_before_and_after(run):
+    evals = [json.loads(line) for line in (run.out / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 3] and [e["eval/prompts"] for e in evals] == [4, 4]
+    # the last step's metrics carry the final evaluation; earlier steps none
+    assert "eval/accuracy" in run.metrics[-1]
+    assert all(run.metrics[-1][k] == v for k, v in evals[-1].items() if k.startswith("eval/"))
+    assert not any(k.startswith("eval/") for m in run.metrics[:-1] for k in m)
+    held_out = [json.loads(line)["prompt"] for line in Path(run.cfg.eval.path).read_text().splitlines()]
+    training = {json.loads(line)["prompt"] for line in Path(run.cfg.data.path).read_text().splitlines()}
+    assert len(held_out) == 4 and not set(held_out) & training
+
+
+def test_only_think_expert_tensors_change(run):
+    before, after = load_file(run.home / "model.safetensors"), load_file(run.final / "model.safetensors")
+    assert before.keys() == after.keys()  # the KL reference copy (think_ref) is not saved
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".experts.think." in k for k in changed)
 
-    # so the fast view's logits on a fixed batch are bit-identical
+
+def test_the_fast_view_logits_are_bit_identical(run):
     batch = {"input_ids": torch.arange(1, 41).view(2, 20)}
     with torch.no_grad():
-        a = HomeModel.from_pretrained(tiny_home)(route=FAST, **batch).logits
-        b = HomeModel.from_pretrained(final)(route=FAST, **batch).logits
+        a = HomeModel.from_pretrained(run.home)(route=FAST, **batch).logits
+        b = HomeModel.from_pretrained(run.final)(route=FAST, **batch).logits
     assert torch.equal(a, b)
 
-    # kill after the step-2 checkpoint: drop what came later, resume, and get the same steps 3
-    original = {m["step"]: m for m in metrics}
-    original_rollouts = rollout_ids(out, 3)
-    import shutil
-    shutil.rmtree(out / "checkpoints" / "step_00000002")  # the newest complete one would be step 2: test from 1
-    train(tiny_config(tiny_home, out, steps=3, trainer__resume="auto"))
+
+def test_a_resumed_run_repeats_the_uninterrupted_steps_exactly(run, tmp_path):
+    # as if killed after the step-1 checkpoint: a copy of the run without what came later (the newest
+    # complete checkpoint would be step 2), resumed in place
+    out = tmp_path / "run"
+    shutil.copytree(run.out, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000002")
+    train(tiny_config(run.home, out, steps=3, trainer__resume="auto"))
     resumed = read_metrics(out)
     assert [m["step"] for m in resumed] == [1, 2, 3]  # continued after step 1, no duplicate lines
     assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [0, 3]
-    assert rollout_ids(out, 3) == original_rollouts  # same prompts, same samples: data order and weights restored
-    for step in (2, 3):
+    for step in (2, 3):  # same prompts, same samples: data order and weights restored
+        assert rollout_ids(out, step) == rollout_ids(run.out, step), step
         for key in ("reward/mean", "response_length/mean"):
-            assert resumed[step - 1][key] == pytest.approx(original[step][key], abs=1e-6), (step, key)
+            assert resumed[step - 1][key] == pytest.approx(run.metrics[step - 1][key], abs=1e-6), (step, key)
 
 
-def test_grpo_with_images_on_tiny_qwen2_5_vl(tiny_model, ray_local, tmp_path):
+# ----------------------------------------------------------------------------- other runs
+
+
+def test_grpo_raises_a_reward_the_tiny_model_can_learn(tiny_home, ray_local, tmp_path):
+    """The think expert learns to start its answers with a digit: a reward that must rise, not only vary."""
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_home("qwen2"), out, steps=RISE_STEPS, **RISE_SETTINGS)
+    cfg.reward.sources = {"math": [VerifierEntry(LEADING_DIGIT, 1.0)]}
+    train(cfg)
+    rewards = [m["reward/mean"] for m in read_metrics(out)]
+    evals = [json.loads(line)["eval/reward/mean"] for line in (out / "eval.jsonl").read_text().splitlines()]
+    # about a fifth of the answers start with a digit before training (22% of the first token's probability)
+    assert evals[0] < 0.3 and np.mean(rewards[:2]) < 0.3, (evals, rewards)
+    # on held-out prompts with the same sampling seed before and after, and on the training batches
+    assert evals[-1] - evals[0] >= RISE_MARGIN, (evals, rewards)
+    assert np.mean(rewards[-2:]) - np.mean(rewards[:2]) >= RISE_MARGIN, (evals, rewards)
+
+
+def test_grpo_with_images_on_tiny_qwen2_5_vl(tiny_home, ray_local, tmp_path):
     from data_pipelines.synthetic import generate
 
-    home = upcycle(tiny_model("qwen2_5_vl")).save_pretrained(tmp_path / "home_vl")
     data = generate("ocr", 8, 0, tmp_path / "ocr")
-    cfg = tiny_config(home, tmp_path / "run", steps=2)
+    cfg = tiny_config(tiny_home("qwen2_5_vl"), tmp_path / "run", steps=2)
     cfg.data.path = str(data)
     cfg.reward.sources = {"ocr": [VerifierEntry(DIGITS, 1.0)]}
     cfg.algorithm.filter_zero_variance = True  # the embedded default's setting
     final = train(cfg)
     metrics = read_metrics(tmp_path / "run")
-    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["reward/ocr/mean"] >= 0
-    assert all(0 <= m["zero_std_frac"] <= 1 and m["regenerations"] in (0, 1, 2) for m in metrics)
+    assert [m["step"] for m in metrics] == [1, 2]
+    n, want, limit = cfg.rollout.n, cfg.data.prompts_per_step, cfg.algorithm.max_regenerations
+    for m in metrics:
+        samples = read_rollouts(tmp_path / "run", m["step"])  # every group sampled, trained on or filtered out
+        groups = score_groups(samples, n)
+        assert m["reward/ocr/mean"] == pytest.approx(np.mean([s["score"] for s in samples]), abs=1e-9)
+        # zero_std_frac is the first round's share of all-alike groups; each regeneration samples one more round
+        assert len(groups) == want * (1 + m["regenerations"])
+        assert m["zero_std_frac"] == zero_std_share(groups[:want])
+        # rounds are sampled until `want` groups with unequal rewards are found, or up to the limit
+        informative = np.cumsum([sum(len(set(g)) > 1 for g in groups[i:i + want]) for i in range(0, len(groups), want)])
+        assert m["regenerations"] == next((i for i, k in enumerate(informative) if k >= want), limit)
+        trained = [samples[i * n]["trained"] for i in range(len(groups))]
+        assert sum(trained) == min(want, informative[-1])
+        assert all(len(set(g)) > 1 for g, t in zip(groups, trained) if t)  # only groups that carry a signal
     assert HomeModel.from_pretrained(final).arch.multimodal
 
 

@@ -43,10 +43,8 @@ def dense_dir(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def home_dir(dense_dir, tmp_path_factory):
-    from home_rl.model import upcycle
-
-    return upcycle(dense_dir).save_pretrained(tmp_path_factory.mktemp("home") / "tiny_home")
+def home_dir(tiny_home):
+    return tiny_home("qwen2")
 
 
 def sequence_log_probs(model, seq: Sequence, **kwargs) -> torch.Tensor:

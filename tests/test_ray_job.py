@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from home_rl.model import upcycle
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -150,11 +149,11 @@ def temp_dir():
         stop_cluster(temp)
 
 
-def test_the_readme_lines_run_the_main_job_and_ray_job_stop_ends_it(temp_dir, tiny_model, tmp_path):
+def test_the_readme_lines_run_the_main_job_and_ray_job_stop_ends_it(temp_dir, tiny_home, tmp_path):
     readme = readme_cluster_commands()
     assert any(c.startswith("ray start --head") for c in readme) and any(c.startswith("ray job submit") for c in readme)
     exports = [c for c in readme if c.startswith("export ")]
-    home = upcycle(tiny_model("qwen2")).save_pretrained(tmp_path / "home")
+    home = tiny_home("qwen2")
     # a tiny model's run; learners, rollout and reward workers keep the default job's counts, so the
     # README's `--num-cpus` is checked against what the default job asks for
     tiny = [f"model.path={home}", "model.dtype=float32", f"output_dir={tmp_path / 'run'}", "synthetic_rows=16",

@@ -46,13 +46,12 @@ def _cfgs(home: Path, tmp: Path):
 
 
 @pytest.fixture(scope="module")
-def stage_run(tiny_model, ray_local, tmp_path_factory):
-    from home_rl.model import upcycle
+def stage_run(tiny_home, ray_local, tmp_path_factory):
     from home_rl.trainer.evaluate import evaluate
     from home_rl.trainer.router_stage import train_router
 
     tmp = tmp_path_factory.mktemp("router_stage")
-    home = upcycle(tiny_model("qwen2_5_vl"), router_hidden_size=16).save_pretrained(tmp / "home")
+    home = tiny_home("qwen2_5_vl", router_hidden_size=16)
     stage, evaluation = _cfgs(home, tmp)
     final = train_router(stage)
     report = evaluate(evaluation)

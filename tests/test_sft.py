@@ -115,10 +115,10 @@ def test_killed_run_resumes_from_its_checkpoint_and_the_loss_curve_continues(ray
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 
-def test_stage_sft_of_a_home_model_trains_tokens_and_router(ray_local, tiny_model, text_mix, tmp_path):
-    from home_rl.model import HomeModel, is_home_checkpoint, upcycle
+def test_stage_sft_of_a_home_model_trains_tokens_and_router(ray_local, tiny_home, text_mix, tmp_path):
+    from home_rl.model import HomeModel, is_home_checkpoint
 
-    home_dir = upcycle(tiny_model("qwen2")).save_pretrained(tmp_path / "home")
+    home_dir = tiny_home("qwen2")
     out = tmp_path / "stage_sft"
     final = run_sft(load_config(SFTConfig, sft_args(home_dir, text_mix, out, 6, "sft.router_loss_weight=1.0",
                                                     "learner.lr=1e-2")))
