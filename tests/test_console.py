@@ -14,10 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from home_rl.model import upcycle
-
 REPO = Path(__file__).resolve().parents[1]
 LINE_BUDGET = 40  # the acceptance bar of the embedded default's one-step run; the tiny run needs far fewer
 
@@ -38,16 +34,15 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-@pytest.fixture(scope="module")
-def tiny_home(tiny_model, tmp_path_factory):
-    return upcycle(tiny_model("qwen2")).save_pretrained(tmp_path_factory.mktemp("console") / "home")
+def run_console(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run the recipe as a user would; its exit and every line it printed to the console."""
+    proc = subprocess.run(recipe(*args), capture_output=True, text=True, env=env(), timeout=900)
+    return proc, (proc.stdout + proc.stderr).splitlines()
 
 
 def test_quiet_run_prints_phases_and_steps_and_logs_each_actor(tiny_home, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(recipe(*tiny_args(tiny_home, out), "trainer.log_every=1"), capture_output=True,
-                          text=True, env=env(), timeout=900)
-    console = (proc.stdout + proc.stderr).splitlines()
+    proc, console = run_console(*tiny_args(tiny_home("qwen2"), out), "trainer.log_every=1")
     assert proc.returncode == 0, "\n".join(console[-30:])
     assert len(console) <= LINE_BUDGET, "\n".join(console)
     text = "\n".join(console)
@@ -69,9 +64,7 @@ def test_quiet_run_prints_phases_and_steps_and_logs_each_actor(tiny_home, tmp_pa
 def test_a_failure_inside_an_actor_shows_its_cause_and_log_files(tiny_home, tmp_path):
     out = tmp_path / "run"
     # longer than the tiny model's 2048 positions: vLLM refuses it inside the rollout actor's __init__
-    proc = subprocess.run(recipe(*tiny_args(tiny_home, out), "rollout.max_model_len=4096"), capture_output=True,
-                          text=True, env=env(), timeout=900)
-    console = (proc.stdout + proc.stderr).splitlines()
+    proc, console = run_console(*tiny_args(tiny_home("qwen2"), out), "rollout.max_model_len=4096")
     assert proc.returncode == 1, "\n".join(console[-30:])
     assert "Traceback" not in proc.stderr and len(console) <= 10, "\n".join(console)
     error = console[-1]
@@ -100,7 +93,7 @@ def descendants(root: int) -> dict[int, str]:
 
 def test_the_next_local_start_ends_what_a_sigkilled_driver_left(tiny_home, tmp_path, request):
     out = tmp_path / "run"
-    driver = subprocess.Popen(recipe(*tiny_args(tiny_home, out, steps=50)), env=env(), stdout=subprocess.DEVNULL,
+    driver = subprocess.Popen(recipe(*tiny_args(tiny_home("qwen2"), out, steps=50)), env=env(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
