@@ -6,13 +6,14 @@ local start ends and names.
 """
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from home_rl import leftovers
 
 REPO = Path(__file__).resolve().parents[1]
 LINE_BUDGET = 40  # the acceptance bar of the embedded default's one-step run; the tiny run needs far fewer
@@ -102,7 +103,9 @@ def test_the_next_local_start_ends_what_a_sigkilled_driver_left(tiny_home, tmp_p
         log = out / "logs" / "driver.log"
         assert (out / "metrics.jsonl").exists(), log.read_text()[-3000:] if log.exists() else "no driver.log"
         ours = descendants(driver.pid)  # its Ray runtime: gcs_server, raylet, agents, actors, ...
-        session = glob.glob(f"/tmp/ray/session_*_{driver.pid}")  # a local runtime's session names its driver
+        # its session folder, as its gcs_server's and raylet's command lines name it (a folder name alone
+        # may match an older session of a reused pid)
+        session = sorted({m.group(0) for a in ours.values() for m in [leftovers.SESSION.search(a)] if m})
         assert len(session) == 1 and any("ray::RolloutWorker" in a for a in ours.values()), ours
     finally:
         driver.send_signal(signal.SIGKILL)  # as the OOM killer does: no finally block, no atexit
