@@ -6,8 +6,8 @@ vision tower), and the run's config says how they are held:
 
     learner   weights (frozen copies included) in the training dtype, gradients of what trains, AdamW states
               (16-bit training: fp32 master + m + v, 12 bytes a parameter; fp32: m + v, 8 bytes), each divided
-              by the ZeRO stage's partitioning over num_learners; under ZeRO-3 the largest decoder layer,
-              gathered whole; DeepSpeed's gradient buckets; the activations of the largest micro-batch by tokens
+              by the ZeRO stage's partitioning over num_learners; under ZeRO-3 the parameters gathered at
+              once (at least the largest decoder layer); DeepSpeed's gradient buckets; the activations of the largest micro-batch by tokens
               (with or without gradient checkpointing); the logits of the kept positions; a process baseline;
               and the host RAM of loading (ZeRO-3: the partition + one layer, stages 0-2: the whole model)
     rollout   the view's weights, the KV cache (rollout.kv_cache_gib on CPU, gpu_memory_utilization of the GPU
@@ -56,21 +56,32 @@ GPU_CONTEXT_GIB = 1.5
 # vLLM's activation reserve on a GPU (its profile run, sampler and CUDA graphs) out of gpu_memory_utilization.
 VLLM_GPU_ACTIVATIONS_GIB = 2.0
 # What one decoder layer saves for backward per token, in elements: the residual stream, both norms' outputs,
-# q/k/v, the attention output and o_proj's input (about 10 x hidden), and the MLP's gate, up, activation and
-# product (4 x intermediate). Measured on smollm2 (hidden 576, MLP 1536): the slope of peak RSS over
-# micro-batch tokens, less the logits' share, agrees with this count within a few percent.
-ACT_HIDDEN_ELEMS, ACT_MLP_ELEMS = 10, 4
+# q, the attention output and o_proj's input (about 8 x hidden), k and v (2 x kv_dim), and the MLP's gate, up,
+# activation and product (4 x intermediate). Measured on smollm2 HOME (hidden 576, MLP 1536, 30 layers, fp32):
+# peak RSS rose 0.375 GiB per 256-token row of the micro-batch, of which 0.327 GiB is activations (the rest
+# logits): 11.4 k elements per token and layer, against 11.1 k counted here.
+ACT_HIDDEN_ELEMS, ACT_MLP_ELEMS = 8, 4
 # With gradient checkpointing each layer keeps only its input (hidden elements per token); one layer at a
 # time is recomputed whole during backward.
 CKPT_HIDDEN_ELEMS = 1
-# fp32 [positions, vocab] tensors alive at once for the logits of the kept positions: the logits, their
-# log-softmax (saved for backward), and in backward the gradient of each (the entropy metric's softmax is
-# a transient of the same size, freed before backward). Measured with the GRPO loss: about 4.
-LOGIT_COPIES = 4
-# DeepSpeed's gradient reduce bucket (deepspeed_config sets 5e7 elements for stages 1-3): one bucket in the
-# training dtype, plus the same for its flattening copy.
+# fp32 [positions, vocab] tensors alive at once for the logits of the kept positions: the logits, and in backward
+# their gradient (verl's log-probs keep a logsumexp per row, not a log-softmax; the entropy metric's softmax is a
+# transient freed before backward). Measured with the GRPO loss and gradient checkpointing: 1.65 copies.
+LOGIT_COPIES = 2
+# DeepSpeed's gradient buckets: ZeRO 1-3 reduce in buckets of 5e7 elements (deepspeed_config sets it), one bucket
+# and its flattened copy; stage 0 all-reduces a flattened copy of every gradient (its buckets are 5e8 elements).
 REDUCE_BUCKET_ELEMS = int(5e7)
 REDUCE_BUCKET_COPIES = 2
+ALLREDUCE_BUCKET_ELEMS = int(5e8)
+# ZeRO-3 keeps up to stage3_max_live_parameters (DeepSpeed's default 1e9) gathered parameters resident, and does not
+# release one reused within stage3_max_reuse_distance (1e9): a model under 1e9 parameters stays gathered whole
+# between forward and backward (measured: the smollm2 learners' fixed part grew by its whole fp32 weights).
+MAX_LIVE_PARAMS = int(1e9)
+
+
+# An actor may plan on 90% of its GPU or of its node's RAM: the allocators' fragmentation, and what the plan does not
+# model (measured predictions are within a quarter of the truth on the CPU machine), need the rest.
+USABLE = 0.9
 
 
 # ----------------------------------------------------------------------------- results
@@ -82,7 +93,7 @@ class ActorPlan:
     count: int  # how many such actors
     device: str  # cpu | cuda | host (a node's RAM)
     predicted_gib: float  # the peak of one of them
-    available_gib: float  # what one of them may use (a GPU, or its node's RAM)
+    available_gib: float  # what one of them may use: USABLE of a GPU, or of its node's RAM
     parts: dict[str, float]  # GiB per part of the prediction (weights, gradients, optimizer, activations, ...)
 
     @property
@@ -398,8 +409,9 @@ def learner_parts(shape: ModelShape, learner: Any, stage: int, dtype_bytes: int,
         "weights": shape.params * b / (w if stage == 3 else 1),
         "gradients": shape.trainable * b / (w if stage >= 2 else 1),
         "optimizer": shape.trainable * optim_bytes / (w if stage >= 1 else 1),
-        "gathered_layer": shape.largest_layer * b if stage == 3 else 0.0,
-        "zero_buckets": min(REDUCE_BUCKET_ELEMS, shape.trainable) * b * REDUCE_BUCKET_COPIES if stage >= 1 else 0.0,
+        "gathered": min(shape.params, max(shape.largest_layer, MAX_LIVE_PARAMS)) * b if stage == 3 else 0.0,
+        "buckets": (min(REDUCE_BUCKET_ELEMS, shape.trainable) * REDUCE_BUCKET_COPIES if stage >= 1
+                    else min(ALLREDUCE_BUCKET_ELEMS, shape.trainable)) * b,
     }
     rows, length, kept = micro_batch_shape(learner, run)
     tokens = rows * length
@@ -447,11 +459,10 @@ def rollout_parts(shape: ModelShape, rollout: Any, on_gpu: bool, gpu_gib: float)
     return parts
 
 
-def kv_tokens(shape: ModelShape, rollout: Any, kv_gib: float) -> int:
-    """How many tokens a KV cache of `kv_gib` holds."""
+def kv_bytes_per_token(shape: ModelShape, rollout: Any) -> float:
+    """KV-cache bytes of one token on one engine: keys and values of every layer, split over tensor parallel."""
     b = 4 if rollout.dtype == "float32" else 2
-    per_token = shape.layers * 2 * shape.kv_dim * b / max(1, rollout.tensor_parallel_size)
-    return int(kv_gib * GIB / per_token)
+    return shape.layers * 2 * shape.kv_dim * b / max(1, rollout.tensor_parallel_size)
 
 
 def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int] = None) -> MemoryPlan:
@@ -460,7 +471,8 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
     advice: list[str] = []
     problems = length_problems(shape, run)
     gpus = cluster.gpus
-    gpu_gib = max((n.gpu_gib for n in cluster.nodes), default=0.0)
+    gpu_size = max((n.gpu_gib for n in cluster.nodes), default=0.0)
+    gpu_gib, host0 = gpu_size * USABLE, cluster.nodes[0].host_gib * USABLE  # what an actor may plan on
     host_of: list[float] = [0.0] * len(cluster.nodes)  # host RAM per node, as placed
     gpu_left = [n.gpus for n in cluster.nodes]
 
@@ -472,6 +484,8 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
 
     learner = run.learner
     stage = None
+    colocated = run.mode == "colocated" and learner is not None and run.rollout is not None
+    learner_state = 0.0  # what a learner keeps on its GPU while a colocated engine generates beside it
     if learner is not None:
         stage = zero_stage if zero_stage is not None else (3 if learner.zero_stage == "auto" else int(learner.zero_stage))
         on_gpu = learner.device == "cuda" or (learner.device == "auto" and gpus >= learner.num_learners)
@@ -482,13 +496,16 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
         if on_gpu:
             predicted = train + GPU_CONTEXT_GIB
             host = LEARNER_BASELINE_GIB + loading
-            actors.append(ActorPlan("learner", learner.num_learners, "cuda", predicted, gpu_gib,
+            # colocated, the engine beside it sleeps during the update but keeps its CUDA context
+            available = gpu_gib - (GPU_CONTEXT_GIB if colocated else 0.0)
+            learner_state = parts["weights"] + parts["gradients"] + parts["optimizer"] + GPU_CONTEXT_GIB
+            actors.append(ActorPlan("learner", learner.num_learners, "cuda", predicted, available,
                                     {**parts, "cuda_context": GPU_CONTEXT_GIB}))
             place(1, host, learner.num_learners)
         else:  # on a CPU the host holds it all: loading comes first, training after (the peak is the larger)
             predicted = LEARNER_BASELINE_GIB + max(loading, train)
             host = predicted
-            actors.append(ActorPlan("learner", learner.num_learners, "cpu", predicted, cluster.nodes[0].host_gib,
+            actors.append(ActorPlan("learner", learner.num_learners, "cpu", predicted, host0,
                                     {**parts, "baseline": LEARNER_BASELINE_GIB, "loading": loading}))
             place(0, host, learner.num_learners)
         if not actors[-1].fits:
@@ -497,51 +514,59 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
     rollout = run.rollout
     if rollout is not None:
         on_gpu = rollout.resources.gpus > 0  # rollout workers take GPUs only when asked (rollout.resources.gpus)
-        parts = rollout_parts(shape, rollout, on_gpu, gpu_gib)
+        parts = rollout_parts(shape, rollout, on_gpu, gpu_size)
         if on_gpu:
-            predicted = sum(parts.values()) + GPU_CONTEXT_GIB
+            # vLLM takes gpu_memory_utilization of the GPU whole (weights, activations, the rest as KV cache); it
+            # must hold the weights, its activations and the KV cache of one max_model_len sequence
+            budget = rollout.gpu_memory_utilization * gpu_size
+            one_sequence = rollout.max_model_len * kv_bytes_per_token(shape, rollout) / GIB
+            need = parts["weights"] + parts["activations"] + parts.get("vision_buffers", 0.0) + one_sequence
             host = ROLLOUT_BASELINE_GIB + parts["weights"]  # safetensors pass through host memory on their way
-            colocated = run.mode == "colocated" and learner is not None
             if colocated:  # the engine sleeps (weights to host, KV dropped) while its learner updates
                 host += parts["weights"]
-            actors.append(ActorPlan("rollout", rollout.num_workers, "cuda", predicted, gpu_gib,
-                                    {**parts, "cuda_context": GPU_CONTEXT_GIB}))
+            if need > budget:
+                actors.append(ActorPlan("rollout", rollout.num_workers, "cuda", need, budget,
+                                        {**parts, "kv_cache": one_sequence}))
+                advice.append(f"rollout: the weights, activations and one rollout.max_model_len={rollout.max_model_len} "
+                              f"sequence need {need:.1f} GiB of its gpu_memory_utilization share ({budget:.1f} GiB): "
+                              f"raise rollout.gpu_memory_utilization or rollout.tensor_parallel_size, or lower "
+                              f"rollout.max_model_len")
+            else:
+                available = gpu_size - learner_state if colocated else gpu_size
+                actors.append(ActorPlan("rollout", rollout.num_workers, "cuda", budget + GPU_CONTEXT_GIB, available,
+                                        {**parts, "cuda_context": GPU_CONTEXT_GIB}))
+                if not actors[-1].fits:
+                    advice.append("lower rollout.gpu_memory_utilization" + (" (colocated, its learner's weights and "
+                                  "optimizer state stay on the GPU)" if colocated else ""))
             place(0 if colocated else int(rollout.resources.gpus), host, rollout.num_workers)
         else:
             predicted = ROLLOUT_BASELINE_GIB + sum(parts.values())
-            actors.append(ActorPlan("rollout", rollout.num_workers, "cpu", predicted, cluster.nodes[0].host_gib,
+            actors.append(ActorPlan("rollout", rollout.num_workers, "cpu", predicted, host0,
                                     {**parts, "baseline": ROLLOUT_BASELINE_GIB}))
             place(0, predicted, rollout.num_workers)
-        if not actors[-1].fits:
-            advice.append("lower rollout.gpu_memory_utilization or raise rollout.tensor_parallel_size" if on_gpu
-                          else "lower rollout.kv_cache_gib or rollout.num_workers")
-        kv_gib = parts["kv_cache"]
-        if kv_tokens(shape, rollout, kv_gib) < rollout.max_model_len and on_gpu:
-            problems.append(f"memory plan: a rollout engine's KV cache ({kv_gib:.1f} GiB, "
-                            f"{kv_tokens(shape, rollout, kv_gib)} tokens) cannot hold one sequence of "
-                            f"rollout.max_model_len={rollout.max_model_len}: raise rollout.gpu_memory_utilization "
-                            f"or rollout.tensor_parallel_size, or lower rollout.max_model_len")
+            if not actors[-1].fits:
+                advice.append("lower rollout.kv_cache_gib or rollout.num_workers")
 
     if run.router_trainer:  # HomeModel.from_pretrained in the checkpoint's dtype: the model + its state dict
         weights = shape.home_checkpoint * shape.disk_bytes / GIB
         predicted = LEARNER_BASELINE_GIB + 2 * weights
-        actors.append(ActorPlan("router trainer", 1, "cpu", predicted, cluster.nodes[0].host_gib,
+        actors.append(ActorPlan("router trainer", 1, "cpu", predicted, host0,
                                 {"weights": weights, "loading": weights, "baseline": LEARNER_BASELINE_GIB}))
         place(0, predicted, 1)
         if not actors[-1].fits:
             advice.append("the router trainer holds the whole HOME checkpoint: give it a node with more RAM")
     if run.reward_workers:
-        actors.append(ActorPlan("reward", run.reward_workers, "cpu", REWARD_WORKER_GIB, cluster.nodes[0].host_gib,
+        actors.append(ActorPlan("reward", run.reward_workers, "cpu", REWARD_WORKER_GIB, host0,
                                 {"baseline": REWARD_WORKER_GIB}))
         place(0, REWARD_WORKER_GIB, run.reward_workers)
     driver = {"baseline": DRIVER_BASELINE_GIB}
     if run.exports_view:  # export_think_view: HomeModel.from_pretrained in fp32 + the checkpoint's state dict
         driver["view_export"] = shape.home_checkpoint * (4 + shape.disk_bytes) / GIB
     host_of[0] += sum(driver.values())
-    actors.append(ActorPlan("driver", 1, "cpu", sum(driver.values()), cluster.nodes[0].host_gib, driver))
+    actors.append(ActorPlan("driver", 1, "cpu", sum(driver.values()), host0, driver))
     for i, (node, used) in enumerate(zip(cluster.nodes, host_of)):
-        actors.append(ActorPlan(f"host node {i}", 1, "host", used, node.host_gib, {"placed": used}))
-        if used > node.host_gib:
+        actors.append(ActorPlan(f"host node {i}", 1, "host", used, node.host_gib * USABLE, {"placed": used}))
+        if used > node.host_gib * USABLE:
             advice.append(host_advice(run, stage))
     return MemoryPlan(actors, advice, zero_stage=stage, problems=problems)
 
