@@ -79,6 +79,9 @@ ALLREDUCE_BUCKET_ELEMS = int(5e8)
 MAX_LIVE_PARAMS = int(1e9)
 
 
+# Tokens of one image at Qwen2.5-VL's usual cap (max_pixels 1280 x 28 x 28), and vLLM's encoder cache budget in
+# tokens (its max_num_batched_tokens default): the multimodal buffers of a rollout engine, small beside its KV cache.
+IMAGE_TOKENS, ENCODER_CACHE_TOKENS = 1280, 8192
 # An actor may plan on 90% of its GPU or of its node's RAM: the allocators' fragmentation, and what the plan does not
 # model (measured predictions are within a quarter of the truth on the CPU machine), need the rest.
 USABLE = 0.9
@@ -112,6 +115,7 @@ class MemoryPlan:
     advice: list[str]  # what would make it fit, per actor that does not (empty when everything fits)
     zero_stage: Optional[int] = None  # the learners' ZeRO stage the plan is for
     problems: list[str] = dataclasses.field(default_factory=list)  # lengths that cannot work (always refusals)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what was not planned, and why
 
     @property
     def fits(self) -> bool:
@@ -128,7 +132,7 @@ class MemoryPlan:
 
     def to_json(self) -> dict:
         return {"fits": self.fits, "zero_stage": self.zero_stage, "actors": [a.row() for a in self.actors],
-                "advice": self.problems + self.advice}
+                "advice": self.problems + self.advice, "notes": self.notes}
 
     def table(self) -> str:
         lines = [f"{'actor':<18} {'count':>5} {'device':<6} {'predicted GiB':>13} {'available GiB':>13}  fits  parts"]
@@ -136,7 +140,7 @@ class MemoryPlan:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in a.parts.items() if v >= 0.005)
             lines.append(f"{a.role:<18} {a.count:>5} {a.device:<6} {a.predicted_gib:>13.2f} {a.available_gib:>13.2f}  "
                          f"{'yes' if a.fits else 'NO ':<4}  {parts}")
-        return "\n".join(lines + [f"advice: {x}" for x in self.problems + self.advice])
+        return "\n".join(lines + [f"advice: {x}" for x in self.problems + self.advice] + [f"note: {x}" for x in self.notes])
 
 
 # ----------------------------------------------------------------------------- the cluster
@@ -453,9 +457,10 @@ def rollout_parts(shape: ModelShape, rollout: Any, on_gpu: bool, gpu_gib: float)
         parts["activations"] = VLLM_GPU_ACTIVATIONS_GIB
     else:
         parts["kv_cache"] = rollout.kv_cache_gib or 4.0  # vLLM CPU's own default (VLLM_CPU_KVCACHE_SPACE) when 0
-    if shape.multimodal:  # the encoder's output cache: the images of the longest batch, hidden-sized tokens
-        parts["vision_buffers"] = (rollout.limit_images_per_prompt * rollout.max_num_seqs * 1280 * shape.hidden * b
-                                   / GIB / 8)  # vLLM budgets its encoder cache at the batch token budget (1/8 of this)
+    if shape.multimodal:  # the encoder cache (image embeddings waiting for the decoder) and one image's encoding
+        cached = max(rollout.limit_images_per_prompt * IMAGE_TOKENS, ENCODER_CACHE_TOKENS) * shape.hidden * b
+        encoding = IMAGE_TOKENS * 4 * 4 * shape.hidden * b  # 4 patches per merged token, ~4 hidden-sized transients
+        parts["vision_buffers"] = (cached + encoding) / GIB
     return parts
 
 
@@ -468,7 +473,8 @@ def kv_bytes_per_token(shape: ModelShape, rollout: Any) -> float:
 def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int] = None) -> MemoryPlan:
     """Every actor's predicted peak against what it gets on `cluster`, for one ZeRO stage (None: the config's)."""
     actors: list[ActorPlan] = []
-    advice: list[str] = []
+    advice: list[str] = []  # one per actor that does not fit, in order
+    notes: list[str] = []
     problems = length_problems(shape, run)
     gpus = cluster.gpus
     gpu_size = max((n.gpu_gib for n in cluster.nodes), default=0.0)
@@ -488,12 +494,15 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
     learner_state = 0.0  # what a learner keeps on its GPU while a colocated engine generates beside it
     if learner is not None:
         stage = zero_stage if zero_stage is not None else (3 if learner.zero_stage == "auto" else int(learner.zero_stage))
-        on_gpu = learner.device == "cuda" or (learner.device == "auto" and gpus >= learner.num_learners)
+        on_gpu = learner.gpus_per_learner(gpus) > 0
         b = 4 if run.dtype == "float32" or (run.dtype == "bfloat16" and not cluster.bf16 and not on_gpu) else 2
         parts = learner_parts(shape, learner, stage, b, run)
         loading = parts.pop("loading")
         train = sum(parts.values())
-        if on_gpu:
+        if on_gpu and gpus < learner.num_learners * learner.gpus_per_learner(gpus):
+            # GPUs the cluster lacks: the resource check (job_placement) names them, by their keys
+            notes.append(f"learners: not planned, {cluster.source} lacks their GPUs (the resource check says which)")
+        elif on_gpu:
             predicted = train + GPU_CONTEXT_GIB
             host = LEARNER_BASELINE_GIB + loading
             # colocated, the engine beside it sleeps during the update but keeps its CUDA context
@@ -508,14 +517,16 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
             actors.append(ActorPlan("learner", learner.num_learners, "cpu", predicted, host0,
                                     {**parts, "baseline": LEARNER_BASELINE_GIB, "loading": loading}))
             place(0, host, learner.num_learners)
-        if not actors[-1].fits:
+        if actors and actors[-1].role == "learner" and not actors[-1].fits:
             advice.append(learner_advice(learner, stage, on_gpu, parts))
 
     rollout = run.rollout
     if rollout is not None:
         on_gpu = rollout.resources.gpus > 0  # rollout workers take GPUs only when asked (rollout.resources.gpus)
         parts = rollout_parts(shape, rollout, on_gpu, gpu_size)
-        if on_gpu:
+        if on_gpu and gpus < rollout.num_workers * rollout.resources.gpus:
+            notes.append(f"rollout: not planned, {cluster.source} lacks its GPUs (the resource check says which)")
+        elif on_gpu:
             # vLLM takes gpu_memory_utilization of the GPU whole (weights, activations, the rest as KV cache); it
             # must hold the weights, its activations and the KV cache of one max_model_len sequence
             budget = rollout.gpu_memory_utilization * gpu_size
@@ -564,11 +575,14 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
         driver["view_export"] = shape.home_checkpoint * (4 + shape.disk_bytes) / GIB
     host_of[0] += sum(driver.values())
     actors.append(ActorPlan("driver", 1, "cpu", sum(driver.values()), host0, driver))
+    if not actors[-1].fits:
+        advice.append("the driver exports the think view from the HOME checkpoint loaded in fp32: run it on a node "
+                      "with more RAM")
     for i, (node, used) in enumerate(zip(cluster.nodes, host_of)):
         actors.append(ActorPlan(f"host node {i}", 1, "host", used, node.host_gib * USABLE, {"placed": used}))
         if used > node.host_gib * USABLE:
             advice.append(host_advice(run, stage))
-    return MemoryPlan(actors, advice, zero_stage=stage, problems=problems)
+    return MemoryPlan(actors, advice, zero_stage=stage, problems=problems, notes=notes)
 
 
 def length_problems(shape: ModelShape, run: Run) -> list[str]:

@@ -154,3 +154,16 @@ def test_cli_refuses_in_one_line_naming_the_knob(counted_7b):
     assert "has 72.0 GiB (cuda)" in lines[0] and "learner.micro_batch_size" in lines[0]  # 90% of an 80 GiB GPU
     proc, _ = plan_cli("--config", str(CONFIG_7B), "model.path=/no/such/folder", *EIGHT_GPUS)
     assert proc.returncode == 2 and "model.path=/no/such/folder: no config.json" in proc.stderr
+
+
+def test_sft_and_router_stage_configs_are_planned_too(tiny_model, tiny_home):
+    from home_rl.router.config import EvaluateConfig, RouterStageConfig
+    from home_rl.trainer.sft import SFTConfig
+
+    sft = load_config(SFTConfig, [f"model.path={tiny_model('qwen2')}", "learner.num_learners=2"])
+    plan = plan_for_config(sft, "sft")
+    assert plan.fits and plan.zero_stage == 0 and [a.role for a in plan.actors] == ["learner", "driver", "host node 0"]
+    for schema in (RouterStageConfig, EvaluateConfig):
+        cfg = load_config(schema, [f"checkpoint={tiny_home('qwen2')}"])
+        roles = [a.role for a in plan_for_config(cfg, "router").actors]
+        assert roles == ["rollout", "router trainer", "reward", "driver", "host node 0"], roles
