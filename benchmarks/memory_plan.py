@@ -2,6 +2,7 @@
 
     flock /tmp/heavy.lock python benchmarks/memory_plan.py                 # every case
     flock /tmp/heavy.lock python benchmarks/memory_plan.py --cases grpo_micro4 rollout
+    python benchmarks/memory_plan.py --measured OUT.jsonl    # an earlier run's measurements, predicted again
 
 Cases: the embedded default's 2 GRPO learners (smollm2 HOME, think trains) at several micro-batch sizes (and
 token budgets once `learner.max_tokens_per_micro_batch` exists), its vLLM worker, and the SFT cold start's
@@ -17,6 +18,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 GIB = 2 ** 30
 # The planned shapes: short prompts keep one step of two learners within this 2-core, 24 GiB machine.
@@ -107,7 +109,7 @@ def measure_rollout(cfg, home_dir) -> dict:
     from home_rl.trainer.grpo_think import export_think_view
 
     start = time.perf_counter()
-    view = export_think_view(home_dir, __import__("pathlib").Path(cfg.output_dir))
+    view = export_think_view(home_dir, Path(cfg.output_dir))
     pool = RolloutPool(str(view), cfg.rollout)
     try:
         prompts = [{"prompt_token_ids": list(range(10, 10 + cfg.data.max_prompt_tokens))} for _ in range(4)]
@@ -154,6 +156,7 @@ def predicted(recipe: str, cfg, role: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="*", default=None, help="run only these cases (names as in the output)")
+    ap.add_argument("--measured", default="", help="an earlier run's output: predict its measurements again, start nothing")
     args = ap.parse_args()
 
     from home_rl.grpo import GRPOLoss
@@ -161,7 +164,7 @@ def main() -> None:
     from home_rl.trainer.cold_start import ensure_cold_start
     from home_rl.trainer.startup import ensure_ray
 
-    home_dir = ensure_cold_start("smollm2")
+    home_dir = ensure_cold_start("smollm2")  # cached: nothing is built when it is there
     dense_dir = resolve_model_path("smollm2")
     # learner.zero_stage=auto: the stage the plan picks for this machine (as the recipe would), and ZeRO-3 forced
     cases = [(f"grpo_micro{m}", "grpo_think", [f"learner.micro_batch_size={m}"]) for m in (2, 4, 8)]
@@ -171,13 +174,20 @@ def main() -> None:
                                                            "learner.gradient_checkpointing=true"])]
     cases += [(f"grpo_budget{b}", "grpo_think", [f"learner.max_tokens_per_micro_batch={b}"]) for b in (512, 1024)]
     cases += [("rollout", "grpo_think", []), ("sft_cold_start", "sft", []), ("baseline", "none", [])]
-    ensure_ray(4)
+    measured = {}
+    if args.measured:  # re-predict an earlier run's measurements (constants changed since): nothing starts
+        for line in Path(args.measured).read_text().splitlines():
+            row = json.loads(line) if line.startswith("{\"case\"") else None
+            if row and "measured_gib" in row:
+                measured[row["case"]] = row
+    else:
+        ensure_ray(4)
     rows = []
     for name, recipe, overrides in cases:
-        if args.cases and name not in args.cases:
+        if (args.cases and name not in args.cases) or (args.measured and name not in measured):
             continue
         if name == "baseline":
-            rows.append({"case": name, **measure_baseline()})
+            rows.append(measured.get(name) or {"case": name, **measure_baseline()})
             print(json.dumps(rows[-1]), flush=True)
             continue
         try:
@@ -185,27 +195,28 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001  a knob this branch does not have yet (the token budget)
             rows.append({"case": name, "skipped": str(e)})
             continue
-        actor = predicted(recipe, cfg, "rollout" if name == "rollout" else "learner")
-        if getattr(cfg.learner, "zero_stage", None) == "auto":  # as the recipe's check resolves it
+        role = "rollout" if name == "rollout" else "learner"
+        if name in measured and "zero_stage" in measured[name]:
+            cfg.learner.zero_stage = measured[name]["zero_stage"]  # the stage it was measured at
+        actor = predicted(recipe, cfg, role)
+        if cfg.learner.zero_stage == "auto":  # as the recipe's check resolves it
             cfg.learner.zero_stage = actor.stage
-        if name == "rollout":
+        if name in measured:
+            got = {k: v for k, v in measured[name].items() if k not in ("case", "predicted_gib", "parts", "error")}
+        elif role == "rollout":
             got = measure_rollout(cfg, home_dir)
-            role = "rollout"
         elif recipe == "sft":
             got = measure_learners(cfg, str(dense_dir), cfg.sft.max_response_tokens, "sft")
-            role = "learner"
         else:
             got = measure_learners(cfg, str(home_dir), cfg.rollout.max_response_tokens, GRPOLoss(cfg.algorithm))
-            role = "learner"
         row = {"case": name, **({"zero_stage": cfg.learner.zero_stage} if role == "learner" else {}), **got}
-        if actor is not None:
-            row.update(predicted_gib=round(actor.predicted_gib, 3), parts={k: round(v, 3) for k, v in actor.parts.items()},
-                       error=round(actor.predicted_gib / got["measured_gib"] - 1, 3))
+        row.update(predicted_gib=round(actor.predicted_gib, 3), parts={k: round(v, 3) for k, v in actor.parts.items()},
+                   error=round(actor.predicted_gib / got["measured_gib"] - 1, 3))
         rows.append(row)
         print(json.dumps(row), flush=True)
     within = [abs(r["error"]) <= 0.25 for r in rows if "error" in r]
     print(json.dumps({"cases": rows, "all_within_25pct": all(within) if within else None,
-                      "load_avg_1min": os.getloadavg()[0]}))
+                      "measured_in": args.measured or "this run", "load_avg_1min": os.getloadavg()[0]}))
 
 
 if __name__ == "__main__":

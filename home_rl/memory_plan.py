@@ -64,15 +64,18 @@ ACT_HIDDEN_ELEMS, ACT_MLP_ELEMS = 8, 4
 # With gradient checkpointing each layer keeps only its input (hidden elements per token); one layer at a
 # time is recomputed whole during backward.
 CKPT_HIDDEN_ELEMS = 1
-# fp32 [positions, vocab] tensors alive at once for the logits of the kept positions: the logits, and in backward
-# their gradient (verl's log-probs keep a logsumexp per row, not a log-softmax; the entropy metric's softmax is a
-# transient freed before backward). Measured with the GRPO loss and gradient checkpointing: 1.65 copies.
-LOGIT_COPIES = 2
+# fp32 [positions, vocab] tensors at the peak for the logits of the kept positions, in units of one copy: the
+# logits, the loss's and the entropy metric's softmax-sized intermediates, the gradient of the logits and the LM
+# head's backward. Measured on smollm2 (vocab 49152, 160 kept positions a row): with gradient checkpointing a row
+# added 0.24 GiB at the peak, 0.03 GiB of it activations: about 6 copies of its logits.
+LOGIT_COPIES = 6
 # DeepSpeed's gradient buckets: ZeRO 1-3 reduce in buckets of 5e7 elements (deepspeed_config sets it), one bucket
 # and its flattened copy; stage 0 all-reduces a flattened copy of every gradient (its buckets are 5e8 elements).
 REDUCE_BUCKET_ELEMS = int(5e7)
 REDUCE_BUCKET_COPIES = 2
 ALLREDUCE_BUCKET_ELEMS = int(5e8)
+# ZeRO-3 prefetches parameters in buckets of stage3_prefetch_bucket_size (DeepSpeed's default 5e7 elements).
+PREFETCH_BUCKET_ELEMS = int(5e7)
 # ZeRO-3 keeps up to stage3_max_live_parameters (DeepSpeed's default 1e9) gathered parameters resident, and does not
 # release one reused within stage3_max_reuse_distance (1e9): a model under 1e9 parameters stays gathered whole
 # between forward and backward (measured: the smollm2 learners' fixed part grew by its whole fp32 weights).
@@ -408,14 +411,18 @@ def learner_parts(shape: ModelShape, learner: Any, stage: int, dtype_bytes: int,
     """GiB per part of one learner's peak on its device (a GPU, or the host on CPU), and the host RAM of loading."""
     w = learner.num_learners
     b = dtype_bytes
-    optim_bytes = 12 if b < 4 else 8  # fp32 master + m + v, or m + v when the weights are fp32 already
+    # AdamW's m + v (fp32), and an fp32 master copy of what trains: ZeRO's optimizers keep one whatever the dtype,
+    # stage 0 only in 16-bit training (DeepSpeed's bf16 optimizer; fp32 runs torch's AdamW on the weights)
+    optim_bytes = 12 if b < 4 or stage >= 1 else 8
     parts = {
         "weights": shape.params * b / (w if stage == 3 else 1),
-        "gradients": shape.trainable * b / (w if stage >= 2 else 1),
+        # ZeRO-3 also keeps the fp32 gradient partition its optimizer steps on
+        "gradients": shape.trainable * (b + (4 if stage == 3 else 0)) / (w if stage >= 2 else 1),
         "optimizer": shape.trainable * optim_bytes / (w if stage >= 1 else 1),
         "gathered": min(shape.params, max(shape.largest_layer, MAX_LIVE_PARAMS)) * b if stage == 3 else 0.0,
         "buckets": (min(REDUCE_BUCKET_ELEMS, shape.trainable) * REDUCE_BUCKET_COPIES if stage >= 1
-                    else min(ALLREDUCE_BUCKET_ELEMS, shape.trainable)) * b,
+                    else min(ALLREDUCE_BUCKET_ELEMS, shape.trainable)) * b
+                   + (min(PREFETCH_BUCKET_ELEMS, shape.params) * b if stage == 3 else 0),
     }
     rows, length, kept = micro_batch_shape(learner, run)
     tokens = rows * length

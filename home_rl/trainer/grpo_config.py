@@ -38,7 +38,7 @@ def _data_defaults() -> DataConfig:
     # The memory plan sizes the learners' micro-batches by data.max_prompt_tokens (home_rl/memory_plan.py): the
     # synthetic prompts are at most 106 tokens with either template (measured), and 1024 would plan 8 x 1184-token
     # sequences per micro-batch, about 13 GiB of activations per learner that these prompts never use.
-    return DataConfig(prompts_per_step=16, stratify_by="extra_info.steps", max_prompt_tokens=192)
+    return DataConfig(prompts_per_step=16, stratify_by="extra_info.steps", max_prompt_tokens=128)
 
 
 def _rollout_defaults() -> RolloutConfig:
