@@ -40,14 +40,16 @@ ZERO_STAGES = (0, 1, 2, 3)
 
 # ----------------------------------------------------------------------------- constants (why each is what it is)
 
-# A learner actor with torch, deepspeed, transformers and verl imported and the process group up, before any
-# weight: VmHWM of a bare Ray actor importing the same modules (benchmarks/memory_plan.py, case "baseline").
-LEARNER_BASELINE_GIB = 0.75
-# A vLLM rollout actor before weights and KV cache: vLLM's import, its engine core and the CPU build's
-# work buffers (measured peak of the smollm2 view's worker less its weights and its 2 GiB KV cache).
-ROLLOUT_BASELINE_GIB = 1.6
-# The driver: Ray's client, the processor and the data rows (measured RSS of a recipe's driver process).
-DRIVER_BASELINE_GIB = 1.0
+# A learner actor with torch, deepspeed, transformers and verl imported, before any weight: VmHWM of a bare Ray
+# actor importing the same modules, 0.52 GiB (benchmarks/memory_plan.py, case "baseline").
+LEARNER_BASELINE_GIB = 0.52
+# A vLLM rollout actor before weights and KV cache (vLLM's import, its engine core, the CPU build's buffers): the
+# smollm2 view's worker peaked at 3.13 GiB with its 0.25 GiB of bf16 weights and its 2 GiB KV cache (allocated
+# zeroed, so resident from the start).
+ROLLOUT_BASELINE_GIB = 0.85
+# The driver: Ray's client, the processor and the data rows. A tiny-model GRPO driver ran at 0.49 GB RSS and the
+# benchmark's driver (the same imports) at 0.65 GB; a real data set's rows add to it.
+DRIVER_BASELINE_GIB = 0.8
 # A reward worker: Ray's worker, math-verify and its sandbox processes (small; not the memory that matters).
 REWARD_WORKER_GIB = 0.4
 # CUDA context, NCCL and the caching allocator's slack of a GPU process (no GPU here to measure: the usual
