@@ -59,9 +59,9 @@ GPU_CONTEXT_GIB = 1.5
 VLLM_GPU_ACTIVATIONS_GIB = 2.0
 # What one decoder layer saves for backward per token, in elements: the residual stream, both norms' outputs,
 # q, the attention output and o_proj's input (about 8 x hidden), k and v (2 x kv_dim), and the MLP's gate, up,
-# activation and product (4 x intermediate). Measured on smollm2 HOME (hidden 576, MLP 1536, 30 layers, fp32):
-# peak RSS rose 0.375 GiB per 256-token row of the micro-batch, of which 0.327 GiB is activations (the rest
-# logits): 11.4 k elements per token and layer, against 11.1 k counted here.
+# activation and product (4 x intermediate). Measured on smollm2 HOME (hidden 576, MLP 1536, 30 layers, fp32, ZeRO-0):
+# each 256-token row of a micro-batch raised the peak by 0.535 GiB, with gradient checkpointing by 0.24 GiB; the
+# difference, 0.295 GiB, is what checkpointing does not keep: 0.29 GiB as counted here (11.1 k elements a token).
 ACT_HIDDEN_ELEMS, ACT_MLP_ELEMS = 8, 4
 # With gradient checkpointing each layer keeps only its input (hidden elements per token); one layer at a
 # time is recomputed whole during backward.
@@ -80,7 +80,8 @@ ALLREDUCE_BUCKET_ELEMS = int(5e8)
 PREFETCH_BUCKET_ELEMS = int(5e7)
 # ZeRO-3 keeps up to stage3_max_live_parameters (DeepSpeed's default 1e9) gathered parameters resident, and does not
 # release one reused within stage3_max_reuse_distance (1e9): a model under 1e9 parameters stays gathered whole
-# between forward and backward (measured: the smollm2 learners' fixed part grew by its whole fp32 weights).
+# between forward and backward (measured: at the same micro-batch, ZeRO-3's smollm2 learners peaked 1.5 GiB above
+# ZeRO-0's, although their weights were partitioned in two).
 MAX_LIVE_PARAMS = int(1e9)
 
 
@@ -686,8 +687,10 @@ def check_memory(cfg: Any, recipe: str, model_dir: str | Path, cluster: Optional
     result = plan_for_config(cfg, recipe, cluster, model_dir)
     if learner is not None and learner.zero_stage == "auto":
         learner.zero_stage = result.zero_stage
-        log.info(f"memory: learner.zero_stage=auto chose ZeRO stage {result.zero_stage} "
-                     f"({_learner_gib(result):.1f} GiB per learner, the lowest stage that fits)")
+        learner_fits = all(a.fits for a in result.actors if a.role == "learner")
+        fits = "the lowest stage that fits" if learner_fits else "none fits: the most partitioned"
+        log.info("memory: learner.zero_stage=auto chose ZeRO stage %d (%.1f GiB per learner, %s)",
+                 result.zero_stage, _learner_gib(result), fits)
     enabled = getattr(getattr(cfg, "cluster", None), "check_memory", True)
     refusal = result.refusal()
     if refusal is not None and (enabled or result.problems):
