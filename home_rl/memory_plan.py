@@ -185,7 +185,8 @@ def local_cluster() -> Cluster:
 
 def ray_cluster(gpu_gib: float = 0.0) -> Cluster:
     """The connected Ray cluster's alive nodes: GPUs and RAM from Ray (memory + object store: the node's RAM as
-    Ray divides it); GPU memory is not reported by Ray, so `gpu_gib` (0: 80 GiB, an assumption said in `source`)."""
+    Ray divides it). Ray does not report GPU memory: `gpu_gib`, or 0 (unknown: GPU actors are not planned, a note
+    says so; a wrong guess would refuse runs that fit)."""
     import ray
 
     nodes = []
@@ -193,10 +194,9 @@ def ray_cluster(gpu_gib: float = 0.0) -> Cluster:
         if not n.get("Alive"):
             continue
         res = n["Resources"]
-        nodes.append(Node(int(res.get("GPU", 0)), gpu_gib or 80.0,
+        nodes.append(Node(int(res.get("GPU", 0)), gpu_gib,
                           (res.get("memory", 0.0) + res.get("object_store_memory", 0.0)) / GIB))
-    source = "the Ray cluster" + ("" if gpu_gib else " (GPU memory assumed 80 GiB: --gpu-gib)")
-    return Cluster(nodes, source, bf16=True)
+    return Cluster(nodes, "the Ray cluster" + (f" ({gpu_gib:g} GiB GPUs)" if gpu_gib else ""), bf16=True)
 
 
 def described_cluster(nodes: int, gpus_per_node: int, gpu_gib: float, host_gib: float) -> Cluster:
@@ -512,6 +512,9 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
         if on_gpu and gpus < learner.num_learners * learner.gpus_per_learner(gpus):
             # GPUs the cluster lacks: the resource check (job_placement) names them, by their keys
             notes.append(f"learners: not planned, {cluster.source} lacks their GPUs (the resource check says which)")
+        elif on_gpu and gpu_size <= 0:
+            notes.append("learners: not planned on their GPUs, whose memory is unknown (recipes/plan.py --gpu-gib)")
+            place(1, LEARNER_BASELINE_GIB + loading, learner.num_learners)
         elif on_gpu:
             predicted = train + GPU_CONTEXT_GIB
             host = LEARNER_BASELINE_GIB + loading
@@ -536,6 +539,9 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
         parts = rollout_parts(shape, rollout, on_gpu, gpu_size)
         if on_gpu and gpus < rollout.num_workers * rollout.resources.gpus:
             notes.append(f"rollout: not planned, {cluster.source} lacks its GPUs (the resource check says which)")
+        elif on_gpu and gpu_size <= 0:
+            notes.append("rollout: not planned on its GPUs, whose memory is unknown (recipes/plan.py --gpu-gib)")
+            place(int(rollout.resources.gpus), ROLLOUT_BASELINE_GIB + parts["weights"], rollout.num_workers)
         elif on_gpu:
             # vLLM takes gpu_memory_utilization of the GPU whole (weights, activations, the rest as KV cache); it
             # must hold the weights, its activations and the KV cache of one max_model_len sequence
@@ -667,9 +673,13 @@ def plan_for_config(cfg: Any, recipe: str = "grpo_think", cluster: Optional[Clus
 
 
 def choose_zero_stage(shape: ModelShape, run: Run, cluster: Cluster) -> int:
-    """The lowest ZeRO stage whose plan fits (less partitioning: less communication), 3 where none does."""
+    """The lowest ZeRO stage whose plan fits (less partitioning: less communication), 3 where none does, or where
+    the learners could not be planned (GPUs of unknown memory)."""
     for stage in ZERO_STAGES:
-        if plan(shape, run, cluster, stage).fits:
+        result = plan(shape, run, cluster, stage)
+        if not any(a.role == "learner" for a in result.actors):
+            return 3
+        if result.fits:
             return stage
     return 3
 

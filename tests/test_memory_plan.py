@@ -168,3 +168,11 @@ def test_sft_and_router_stage_configs_are_planned_too(tiny_model, tiny_home):
         cfg = load_config(schema, [f"checkpoint={tiny_home('qwen2')}"])
         roles = [a.role for a in plan_for_config(cfg, "router").actors]
         assert roles == ["rollout", "router trainer", "reward", "driver", "host node 0"], roles
+
+
+def test_gpus_of_unknown_memory_are_not_planned_and_auto_stays_at_zero_3():
+    unknown = memory_plan.Cluster([memory_plan.Node(8, 0.0, 1000.0)], "a Ray cluster")  # Ray reports no GPU memory
+    plan = plan_for_config(config_7b(), cluster=unknown)
+    assert plan.zero_stage == 3 and plan.fits
+    assert {a.role for a in plan.actors} >= {"driver", "host node 0"} and "learner" not in {a.role for a in plan.actors}
+    assert any("memory is unknown" in n for n in plan.notes)
