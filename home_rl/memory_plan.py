@@ -176,11 +176,27 @@ def local_cluster() -> Cluster:
 
     from home_rl.learner.worker import bf16_supported
 
-    host = _meminfo_gib("MemTotal")
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    gpu_gib = torch.cuda.get_device_properties(0).total_memory / GIB if gpus else 0.0
-    device = torch.device("cuda" if gpus else "cpu")
-    return Cluster([Node(gpus, gpu_gib, host)], "this machine", bf16=bf16_supported(device))
+    gpus, gpu_gib = _local_gpus()
+    # bf16 on GPUs is taken as given (every GPU the learners target has it): asking torch would start CUDA here
+    bf16 = True if gpus else bf16_supported(torch.device("cpu"))
+    return Cluster([Node(gpus, gpu_gib, _meminfo_gib("MemTotal"))], "this machine", bf16=bf16)
+
+
+def _local_gpus() -> tuple[int, float]:
+    """(count, GiB each) of this machine's GPUs from nvidia-smi: torch would create a CUDA context in the driver,
+    which then holds GPU memory beside the learners for the whole run."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return 0, 0.0
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        sizes = [float(x) / 1024 for x in out]  # MiB
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return 0, 0.0
+    return len(sizes), min(sizes, default=0.0)
 
 
 def ray_cluster(gpu_gib: float = 0.0) -> Cluster:
