@@ -47,13 +47,15 @@ def test_quiet_run_prints_phases_and_steps_and_logs_each_actor(tiny_home, tmp_pa
     assert proc.returncode == 0, "\n".join(console[-30:])
     assert len(console) <= LINE_BUDGET, "\n".join(console)
     text = "\n".join(console)
-    for line in ("ray: local runtime", "reward: 1 worker ready (", "rollout: 1 vLLM worker ready (",
-                 "learners: 1 ready (", "step 1: reward", "final HOME checkpoint"):
+    for line in ("memory: plan fits: learner ", "learner.zero_stage=auto chose ZeRO stage 0", "ray: local runtime",
+                 "reward: 1 worker ready (", "rollout: 1 vLLM worker ready (", "learners: 1 ready (", "step 1: reward",
+                 "final HOME checkpoint"):
         assert line in text, (line, text)
     for noise in ("INFO 1", "vLLM engine", "DeepSpeed", "FutureWarning"):  # library output
         assert noise not in text, (noise, text)
     assert all("warning: " in line for line in console if "pid=" in line), text  # actors forward only warnings
 
+    assert "zero_stage: 0\n" in (out / "config.yaml").read_text()  # the stage auto chose, as it ran
     logs = out / "logs"
     assert sorted(p.name for p in logs.iterdir()) == ["driver.log", "learner-0.log", "reward-0.log", "rollout-0.log"]
     rollout_log = (logs / "rollout-0.log").read_text()
