@@ -642,11 +642,15 @@ def learner_advice(learner: Any, stage: int, on_gpu: bool, parts: dict[str, floa
     knobs = []
     by_token = parts["activations"] + parts["logits"]
     state = parts["weights"] + parts["gradients"] + parts["optimizer"]
+    budget = int(getattr(learner, "max_tokens_per_micro_batch", 0) or 0)
+    if budget:
+        micro = f"lower learner.max_tokens_per_micro_batch (now {budget})"
+    elif hasattr(learner, "max_tokens_per_micro_batch"):
+        micro = f"lower learner.micro_batch_size (now {learner.micro_batch_size}) or set learner.max_tokens_per_micro_batch"
+    else:
+        micro = f"lower learner.micro_batch_size (now {learner.micro_batch_size})"
     if by_token >= state:
-        if hasattr(learner, "max_tokens_per_micro_batch"):
-            knobs.append("lower learner.max_tokens_per_micro_batch or learner.micro_batch_size")
-        else:
-            knobs.append(f"lower learner.micro_batch_size (now {learner.micro_batch_size})")
+        knobs.append(micro)
         if not learner.gradient_checkpointing:
             knobs.append("set learner.gradient_checkpointing=true")
     if stage < 3:
@@ -654,8 +658,8 @@ def learner_advice(learner: Any, stage: int, on_gpu: bool, parts: dict[str, floa
     if hasattr(learner, "offload"):
         knobs.append("set learner.offload")
     knobs.append(f"raise learner.num_learners (now {learner.num_learners})")
-    if by_token < state and hasattr(learner, "max_tokens_per_micro_batch"):
-        knobs.append("lower learner.max_tokens_per_micro_batch or learner.micro_batch_size")
+    if by_token < state:
+        knobs.append(micro)
     return "fix: " + ", or ".join(knobs)
 
 

@@ -176,3 +176,13 @@ def test_gpus_of_unknown_memory_are_not_planned_and_auto_stays_at_zero_3():
     assert plan.zero_stage == 3 and plan.fits
     assert {a.role for a in plan.actors} >= {"driver", "host node 0"} and "learner" not in {a.role for a in plan.actors}
     assert any("memory is unknown" in n for n in plan.notes)
+
+
+def test_a_token_budget_sizes_the_micro_batch_and_is_the_knob_named():
+    run = memory_plan.run_of(config_7b("learner.max_tokens_per_micro_batch=12288"), "grpo_think")
+    assert memory_plan.micro_batch_shape(run.learner, run) == (2, 6144, 2048)  # two 6144-token rows fit the budget
+    run = memory_plan.run_of(config_7b("learner.max_tokens_per_micro_batch=1000"), "grpo_think")
+    assert memory_plan.micro_batch_shape(run.learner, run)[0] == 1  # a longer sequence runs alone
+    cfg = config_7b("learner.max_tokens_per_micro_batch=98304")
+    with pytest.raises(ConfigError, match=r"lower learner.max_tokens_per_micro_batch \(now 98304\)"):
+        memory_plan.check_memory(cfg, "grpo_think", HOME_7B, described_cluster(1, 8, 80, 1000))

@@ -173,17 +173,38 @@ def split_for_ranks(seqs: list[Sequence], world_size: int) -> list[list[int]]:
     return [sorted(s) for s in shards]
 
 
-def micro_batches(seqs: list[Sequence], micro_batch_size: int, count: int) -> list[tuple[list[int], list[Sequence]]]:
-    """Exactly `count` micro-batches of (indices into seqs, sequences), sorted by length to cut padding.
+def plan_micro_batches(seqs: list[Sequence], micro_batch_size: int, max_tokens: int = 0) -> list[list[int]]:
+    """Indices of each micro-batch, shortest sequences first (sorting by length cuts padding).
 
-    Under ZeRO-3 every rank must run the same number of forward/backward passes, so a rank with
-    fewer sequences fills up with masked-out copies (nothing in the loss).
+    `max_tokens` > 0 packs by tokens instead of by count: a micro-batch holds as many sequences as
+    fit in `max_tokens` once padded to its longest (rows x longest, what the forward pass allocates),
+    so memory is bounded by tokens whatever the lengths; a sequence longer than the budget runs alone.
     """
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    chunks = [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    if max_tokens <= 0:
+        return [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    chunks: list[list[int]] = []
+    for i in order:  # ascending: the newest sequence is the longest, so the padded size is rows x its length
+        if chunks and (len(chunks[-1]) + 1) * len(seqs[i]) <= max_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def micro_batches(seqs: list[Sequence], micro_batch_size: int, count: int,
+                  max_tokens: int = 0) -> list[tuple[list[int], list[Sequence]]]:
+    """Exactly `count` micro-batches of (indices into seqs, sequences), as `plan_micro_batches` packs them.
+
+    Under ZeRO-3 every rank must run the same number of forward/backward passes, so a rank with
+    fewer sequences fills up with masked-out copies (nothing in the loss). Losses are normalised by
+    the whole step's token and sequence counts, so how sequences are grouped changes no loss or gradient.
+    """
+    chunks = plan_micro_batches(seqs, micro_batch_size, max_tokens)
     if len(chunks) > count:
         raise ValueError(f"{len(seqs)} sequences need {len(chunks)} micro-batches, more than the {count} asked for")
     out = [(idx, [seqs[i] for i in idx]) for idx in chunks]
+    shortest = min(range(len(seqs)), key=lambda i: len(seqs[i]))
     while len(out) < count:
-        out.append(([], [seqs[order[0]].masked_out()]))
+        out.append(([], [seqs[shortest].masked_out()]))
     return out

@@ -26,6 +26,7 @@ class LearnerConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     micro_batch_size: int = 16  # sequences per forward/backward pass on one learner (16 measured fastest per token on CPU)
+    max_tokens_per_micro_batch: int = 0  # >0: pack micro-batches by tokens instead (rows x longest row at most this; a longer sequence runs alone), replacing micro_batch_size
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30% more compute
     frozen_copies: List[str] = dataclasses.field(default_factory=list)  # frozen expert copies added before training, as NAME=EXPERT (e.g. ref=think for a KL reference); left out of saved checkpoints
     device: str = "auto"  # auto (GPUs when the Ray cluster has one per learner, else CPU) | cpu | cuda
@@ -42,6 +43,9 @@ class LearnerConfig:
             raise ConfigError(f"learner.num_learners must be at least 1, got {self.num_learners}")
         if self.micro_batch_size < 1:
             raise ConfigError(f"learner.micro_batch_size must be at least 1, got {self.micro_batch_size}")
+        if self.max_tokens_per_micro_batch < 0:
+            raise ConfigError(f"learner.max_tokens_per_micro_batch must be 0 (off) or a token count, "
+                              f"got {self.max_tokens_per_micro_batch}")
         if len(self.betas) != 2:
             raise ConfigError(f"learner.betas needs two numbers, got {list(self.betas)}")
         trainable_patterns(self.trainable)  # raises on a bad value

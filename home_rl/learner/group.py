@@ -17,7 +17,6 @@ normalised over the whole step), then gathers the results.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Iterator, Optional
 
@@ -26,7 +25,7 @@ import torch
 from home_rl.config import to_dict
 from home_rl.console import actor_env, phase_done
 from home_rl.errors import ray_get
-from home_rl.learner.batch import Sequence, split_for_ranks
+from home_rl.learner.batch import Sequence, plan_micro_batches, split_for_ranks
 from home_rl.learner.config import LearnerConfig
 from home_rl.learner.worker import LearnerWorker
 
@@ -71,7 +70,8 @@ class LearnerGroup:
 
     def _shards(self, batch: list[Sequence]) -> tuple[list[list[int]], int]:
         shards = split_for_ranks(batch, self.world_size)
-        num_micro = max(math.ceil(len(s) / self.cfg.micro_batch_size) for s in shards)
+        num_micro = max(len(plan_micro_batches([batch[i] for i in s], self.cfg.micro_batch_size,
+                                               self.cfg.max_tokens_per_micro_batch)) for s in shards)
         return shards, num_micro
 
     def train_step(self, batch: list[Sequence], loss: Any = "sft", router_loss_weight: float = 0.0,

@@ -137,6 +137,9 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ compute
 
+    def _micro_batches(self, shard: list[Sequence], num_micro: int) -> list[tuple[list[int], list[Sequence]]]:
+        return micro_batches(shard, self.cfg.micro_batch_size, num_micro, self.cfg.max_tokens_per_micro_batch)
+
     def _logits(self, mb) -> torch.Tensor:
         """Logits [B, keep, vocab] of a micro-batch; a HOME model runs each row on its route (default think)."""
         inputs = mb.model_inputs()
@@ -163,7 +166,7 @@ class LearnerWorker:
         lr = self.engine.get_lr()[0]
         sums: dict[str, float] = collections.defaultdict(float)
         start = time.perf_counter()
-        for _, seqs in micro_batches(shard, self.cfg.micro_batch_size, num_micro):
+        for _, seqs in self._micro_batches(shard, num_micro):
             mb = collate(seqs, pad_id=0).to(self.device)
             log_probs, entropy = self._forward(mb, spec.needs_entropy, temperature, spec.entropy_grad)
             inputs = LossInputs(log_probs=log_probs, entropy=entropy, loss_mask=mb.loss_mask, token_data=mb.token_data,
@@ -191,7 +194,7 @@ class LearnerWorker:
         """Per sequence of the shard (in order): log-probs of its response tokens, and their entropies."""
         self.engine.eval()
         out: list = [None] * len(shard)
-        for indices, seqs in micro_batches(shard, self.cfg.micro_batch_size, num_micro):
+        for indices, seqs in self._micro_batches(shard, num_micro):
             mb = collate(seqs, pad_id=0).to(self.device)
             log_probs, entropy = self._forward(mb, with_entropy, temperature)
             lp = mb.per_sequence(log_probs)
@@ -205,7 +208,7 @@ class LearnerWorker:
         """Per sequence: the logits [response tokens, vocab] that predict its response (for checks)."""
         self.engine.eval()
         out: list = [None] * len(shard)
-        for indices, seqs in micro_batches(shard, self.cfg.micro_batch_size, num_micro):
+        for indices, seqs in self._micro_batches(shard, num_micro):
             mb = collate(seqs, pad_id=0).to(self.device)
             logits = self._logits(mb).float()
             for i, idx in enumerate(indices):
