@@ -205,13 +205,16 @@ def ray_cluster(gpu_gib: float = 0.0) -> Cluster:
     says so; a wrong guess would refuse runs that fit)."""
     import ray
 
+    here = ray.util.get_node_ip_address()
     nodes = []
     for n in ray.nodes():
         if not n.get("Alive"):
             continue
         res = n["Resources"]
-        nodes.append(Node(int(res.get("GPU", 0)), gpu_gib,
-                          (res.get("memory", 0.0) + res.get("object_store_memory", 0.0)) / GIB))
+        ram = (res.get("memory", 0.0) + res.get("object_store_memory", 0.0)) / GIB
+        if n.get("NodeManagerAddress") == here:  # Ray's figure is what was free when the node started: this
+            ram = _meminfo_gib("MemTotal")       # machine's own size says more (as for a local run)
+        nodes.append(Node(int(res.get("GPU", 0)), gpu_gib, ram))
     return Cluster(nodes, "the Ray cluster" + (f" ({gpu_gib:g} GiB GPUs)" if gpu_gib else ""), bf16=True)
 
 
