@@ -214,9 +214,8 @@ def ray_cluster(gpu_gib: float = 0.0) -> Cluster:
         ram = (res.get("memory", 0.0) + res.get("object_store_memory", 0.0)) / GIB
         if n.get("NodeManagerAddress") == here:  # Ray's figure is what was free when the node started: this
             ram = _meminfo_gib("MemTotal")       # machine's own size says more (as for a local run)
-        node = Node(int(res.get("GPU", 0)), gpu_gib, ram)
         # the driver's node first: the plan places the driver and the CPU-only actors on node 0
-        nodes.insert(0, node) if n.get("NodeManagerAddress") == here else nodes.append(node)
+        nodes.insert(0 if n.get("NodeManagerAddress") == here else len(nodes), Node(int(res.get("GPU", 0)), gpu_gib, ram))
     return Cluster(nodes, "the Ray cluster" + (f" ({gpu_gib:g} GiB GPUs)" if gpu_gib else ""), bf16=True)
 
 
