@@ -112,7 +112,7 @@ def test_lengths_against_the_model(tiny_home):
         memory_plan.check_memory(cfg, "grpo_think", home)
     cfg = load_config(GRPOThinkConfig, [f"model.path={home}", "output_dir=/tmp/unused", "rollout.max_model_len=256",
                                         "cluster.check_memory=false"])  # lengths are checked all the same
-    with pytest.raises(ConfigError, match=r"data.max_prompt_tokens=128 \+ rollout.max_response_tokens=160 = 288 "
+    with pytest.raises(ConfigError, match=r"data.max_prompt_tokens=192 \+ rollout.max_response_tokens=160 = 352 "
                                           r"is above rollout.max_model_len=256"):
         memory_plan.check_memory(cfg, "grpo_think", home)
 
