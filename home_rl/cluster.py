@@ -42,6 +42,7 @@ class ClusterResourceError(HomeRLError):
 @dataclasses.dataclass
 class ClusterConfig:
     mode: str = "disaggregated"  # disaggregated: rollout workers and learners on their own GPUs | colocated: rollout worker i shares learner i's GPU, its engine sleeping during updates (CUDA)
+    check_memory: bool = True  # refuse a job whose predicted peak memory (home_rl/memory_plan.py) exceeds what an actor gets, before any actor starts; false skips it (lengths are still checked)
     resource_wait_s: float = 10.0  # wait this long for missing resources (autoscaling clusters: raise to a node's start time) before failing with what is missing
 
     CHOICES: ClassVar[dict] = {"mode": ("disaggregated", "colocated")}

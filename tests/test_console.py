@@ -47,13 +47,15 @@ def test_quiet_run_prints_phases_and_steps_and_logs_each_actor(tiny_home, tmp_pa
     assert proc.returncode == 0, "\n".join(console[-30:])
     assert len(console) <= LINE_BUDGET, "\n".join(console)
     text = "\n".join(console)
-    for line in ("ray: local runtime", "reward: 1 worker ready (", "rollout: 1 vLLM worker ready (",
-                 "learners: 1 ready (", "step 1: reward", "final HOME checkpoint"):
+    for line in ("memory: plan fits: learner ", "learner.zero_stage=auto chose ZeRO stage 0", "ray: local runtime",
+                 "reward: 1 worker ready (", "rollout: 1 vLLM worker ready (", "learners: 1 ready (", "step 1: reward",
+                 "final HOME checkpoint"):
         assert line in text, (line, text)
     for noise in ("INFO 1", "vLLM engine", "DeepSpeed", "FutureWarning"):  # library output
         assert noise not in text, (noise, text)
     assert all("warning: " in line for line in console if "pid=" in line), text  # actors forward only warnings
 
+    assert "zero_stage: 0\n" in (out / "config.yaml").read_text()  # the stage auto chose, as it ran
     logs = out / "logs"
     assert sorted(p.name for p in logs.iterdir()) == ["driver.log", "learner-0.log", "reward-0.log", "rollout-0.log"]
     rollout_log = (logs / "rollout-0.log").read_text()
@@ -64,8 +66,9 @@ def test_quiet_run_prints_phases_and_steps_and_logs_each_actor(tiny_home, tmp_pa
 
 def test_a_failure_inside_an_actor_shows_its_cause_and_log_files(tiny_home, tmp_path):
     out = tmp_path / "run"
-    # longer than the tiny model's 2048 positions: vLLM refuses it inside the rollout actor's __init__
-    proc, console = run_console(*tiny_args(tiny_home("qwen2"), out), "rollout.max_model_len=4096")
+    # a KV cache of 100 KB cannot hold one sequence of max_model_len (768 tokens x 512 B here): vLLM refuses it
+    # inside the rollout actor's __init__ (the memory plan leaves the CPU build's KV sizing to vLLM)
+    proc, console = run_console(*tiny_args(tiny_home("qwen2"), out), "rollout.kv_cache_gib=0.0001")
     assert proc.returncode == 1, "\n".join(console[-30:])
     assert "Traceback" not in proc.stderr and len(console) <= 10, "\n".join(console)
     error = console[-1]
@@ -74,6 +77,16 @@ def test_a_failure_inside_an_actor_shows_its_cause_and_log_files(tiny_home, tmp_
     assert f"traceback: {out / 'logs' / 'driver.log'}" in error, error
     driver_log = (out / "logs" / "driver.log").read_text()
     assert "Traceback" in driver_log and "RolloutWorker" in driver_log  # the actor's remote traceback too
+
+
+def test_a_max_model_len_above_the_models_context_is_refused_before_any_actor(tiny_home, tmp_path):
+    out = tmp_path / "run"
+    proc, console = run_console(*tiny_args(tiny_home("qwen2"), out), "rollout.max_model_len=4096")
+    assert proc.returncode == 2, "\n".join(console[-30:])
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: rollout.max_model_len=4096 is above the model's context of 2048 tokens"), error
+    assert "Traceback" not in proc.stderr
+    assert not (out / "logs" / "rollout-0.log").exists() and not (out / "logs" / "learner-0.log").exists()
 
 
 def ps() -> dict[int, tuple[int, str]]:

@@ -256,3 +256,34 @@ def test_router_only_training_with_router_cross_entropy(ray_local, home_dir):
         assert 0.0 <= history[-1]["router_acc"] <= 1.0
     finally:
         group.shutdown()
+
+
+def test_zero_stages_0_1_2_train_gather_save_and_restore_alike(ray_local, home_dir, tmp_path):
+    """learner.zero_stage=auto may pick any stage: the lower ones take the same code paths (think-only updates with
+    a frozen copy, layer-by-layer gathers, engine checkpoints, the final HOME checkpoint) and the same losses."""
+    from home_rl.model import HomeModel
+
+    batch = make_batch(8, seed=5, routes=True)
+    losses = {}
+    for stage in (0, 1, 2):
+        cfg = LearnerConfig(num_learners=2, zero_stage=stage, trainable="think", frozen_copies=["think_ref=think"],
+                            lr=1e-2, micro_batch_size=3)
+        group = LearnerGroup(cfg, home_dir, dtype="float32", total_steps=4)
+        try:
+            before = dict(group.iter_weights())
+            losses[stage] = [group.train_step(batch)["loss"] for _ in range(2)]
+            after = dict(group.iter_weights())
+            changed = {n for n in before if not torch.equal(before[n], after[n])}
+            assert changed == {n for n in before if ".experts.think." in n}, stage
+            synced = dict(group.iter_weights(view="think", only_trainable=True))
+            assert len(synced) == len(changed) and not any("think_ref" in n for n in synced)
+            group.save_checkpoint(tmp_path / f"ckpt{stage}")
+            next_loss = group.train_step(batch)["loss"]
+            assert group.load_checkpoint(tmp_path / f"ckpt{stage}") == 2
+            assert group.train_step(batch)["loss"] == pytest.approx(next_loss, abs=1e-6)
+            if stage == 0:
+                home = HomeModel.from_pretrained(group.save_model(tmp_path / "final"), dtype=torch.float32)
+                assert "think_ref" not in home.expert_names
+        finally:
+            group.shutdown()
+    assert losses[1] == pytest.approx(losses[0], abs=1e-5) and losses[2] == pytest.approx(losses[0], abs=1e-5)

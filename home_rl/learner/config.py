@@ -15,7 +15,7 @@ from home_rl.resources import Resources, resources_field
 @dataclasses.dataclass
 class LearnerConfig:
     num_learners: int = 1  # learner actors: the data-parallel ranks of one DeepSpeed group
-    zero_stage: int = 3  # DeepSpeed ZeRO stage (3: parameters, gradients and optimiser state partitioned)
+    zero_stage: Any = "auto"  # DeepSpeed ZeRO stage: auto (the lowest the memory plan says fits, 3 where none does) | 0 | 1 | 2 | 3 (parameters, gradients and optimiser state partitioned)
     trainable: Any = "all"  # what trains: all | think | fast | router | shared (all but experts and router), or glob patterns over parameter names ("glob -excluded_glob ...")
     lr: float = 1e-5  # peak learning rate (reached at the end of warm-up)
     lr_schedule: str = "constant"  # after warm-up: constant | cosine | linear (decay to min_lr_ratio * lr at the last step)
@@ -33,7 +33,7 @@ class LearnerConfig:
     backend: str = "auto"  # torch.distributed backend: auto (nccl on GPU, gloo on CPU) | gloo | nccl
     resources: Resources = resources_field()  # what each learner actor asks Ray for: cpus, gpus, threads, node_resource
 
-    CHOICES: ClassVar[dict] = {"zero_stage": (0, 1, 2, 3), "lr_schedule": ("constant", "cosine", "linear"),
+    CHOICES: ClassVar[dict] = {"zero_stage": ("auto", 0, 1, 2, 3), "lr_schedule": ("constant", "cosine", "linear"),
                                "device": ("auto", "cpu", "cuda"), "backend": ("auto", "gloo", "nccl")}
     MOVED: ClassVar[dict] = {"cpus_per_learner": "resources.cpus", "threads_per_learner": "resources.threads",
                              "node_resource": "resources.node_resource"}

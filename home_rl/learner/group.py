@@ -16,6 +16,7 @@ normalised over the whole step), then gathers the results.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Iterator, Optional
 
@@ -38,6 +39,8 @@ class LearnerGroup:
         import ray
 
         start = time.perf_counter()
+        if cfg.zero_stage == "auto":  # the recipes resolve it by the memory plan first; a group built in code
+            cfg = dataclasses.replace(cfg, zero_stage=3)  # without one (tests, benchmarks) keeps ZeRO-3
         self.cfg = cfg
         self.world_size = cfg.num_learners
         if placement is not None:

@@ -33,6 +33,8 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 def deepspeed_config(cfg: LearnerConfig, dtype: torch.dtype, world_size: int) -> dict:
     """The DeepSpeed config for `cfg` (the CPU-tested recipe; the same on GPU)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage in (1, 2):  # the same reason as below: DeepSpeed's 5e8-element buckets outsize a small model
+        zero.update(reduce_bucket_size=int(5e7), allgather_bucket_size=int(5e7))
     if cfg.zero_stage == 3:
         zero.update(overlap_comm=False, contiguous_gradients=True, stage3_param_persistence_threshold=0,
                     stage3_gather_16bit_weights_on_model_save=True,

@@ -21,7 +21,7 @@ from home_rl.rollout.config import RolloutConfig
 from home_rl.experts import FAST, THINK
 from home_rl.router.labels import ExpertStats, expert_stats
 from home_rl.resources import Resources
-from home_rl.trainer.startup import ensure_ray, job_placement, reward_inputs
+from home_rl.trainer.startup import check_memory, ensure_ray, job_placement, reward_inputs
 from reward.config import RewardConfig
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,18 @@ class ViewsRun:
     """
 
     def __init__(self, checkpoint: Path, rollout: Optional[RolloutConfig], reward: RewardConfig, actor: Resources,
-                 views_dir: Path):
-        """`rollout` None: no view answers (the router stage fitting given labels), no rollout worker is placed."""
+                 views_dir: Path, plan_cfg: Any = None):
+        """`rollout` None: no view answers (the router stage fitting given labels), no rollout worker is placed.
+        `plan_cfg`: the recipe's config, whose memory plan is checked before any actor starts."""
         from home_rl.cluster import ClusterConfig
         from home_rl.router.trainer import start_router_trainer
 
         self.rollout_cfg, self.reward_cfg, self.views_dir = rollout, reward, views_dir
         workers = rollout.num_workers * rollout.resources.cpus if rollout else 0
-        ensure_ray(workers + reward.num_workers * reward.resources.cpus + actor.cpus)
+        cpus = workers + reward.num_workers * reward.resources.cpus + actor.cpus
+        if plan_cfg is not None:
+            check_memory(plan_cfg, "router", checkpoint, cpus)
+        ensure_ray(cpus)
         self.placement = job_placement(ClusterConfig(), rollout=rollout, reward=reward,
                                        others=[("router trainer", actor, "actor")])
         self.rewards = None

@@ -70,7 +70,7 @@ def cold_start_recipe(name: str) -> dict:
     from home_rl.config import to_dict
 
     sft = to_dict(cold_start_config(name, Path("DATA"), Path("OUT")))
-    for key in ("resources", "micro_batch_size"):  # where and how fast, not what
+    for key in ("resources", "micro_batch_size", "zero_stage"):  # where and how fast, not what (auto picks the stage)
         sft["learner"].pop(key)
     rows = hashlib.sha256(json.dumps(train_rows()).encode()).hexdigest()  # a change of the generators rebuilds too
     recipe = {"plan": TRAIN_PLAN, "seed": TRAIN_SEED, "rows_sha256": rows, "sft": sft}

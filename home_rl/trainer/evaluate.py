@@ -172,7 +172,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     save_config(cfg, out)
 
     notes = []
-    with ViewsRun(checkpoint, cfg.rollout, cfg.reward, cfg.actor.resources, out / "views") as run:
+    with ViewsRun(checkpoint, cfg.rollout, cfg.reward, cfg.actor.resources, out / "views",
+                  plan_cfg=cfg) as run:
         trainer = run.trainer
         info = ray.get(trainer.info.remote())
         if not info.get("router_trained"):

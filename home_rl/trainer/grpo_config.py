@@ -35,7 +35,11 @@ def _data_defaults() -> DataConfig:
     # ones moved a step's mean reward by +-0.1 (measured), as much as 20 steps of learning.
     # 16 prompts of 4 samples instead of 8 of 8: the same compute, and a step's mean reward varies
     # with which prompts it drew far more than with the samples of one prompt (most groups agree).
-    return DataConfig(prompts_per_step=16, stratify_by="extra_info.steps")
+    # The memory plan sizes the learners' micro-batches by data.max_prompt_tokens (home_rl/memory_plan.py): the
+    # synthetic prompts of levels 1-4 are at most 106 tokens with smollm2's tokenizer and 176 with the tiny test
+    # models' (measured), while 1024 would plan 8 x 1184-token sequences per micro-batch, about 13 GiB of
+    # activations per learner that these prompts never use: 2 learners would not fit 24 GiB.
+    return DataConfig(prompts_per_step=16, stratify_by="extra_info.steps", max_prompt_tokens=192)
 
 
 def _rollout_defaults() -> RolloutConfig:

@@ -31,7 +31,7 @@ from home_rl.trainer.checkpoint import read_state, resolve_resume, save_checkpoi
 from home_rl.trainer.grpo_config import GRPOThinkConfig
 from home_rl.trainer.groups import (ScoredGroup, StepRollouts, dump_rollouts, length_metrics, reward_metrics,
                                     training_sequences)
-from home_rl.trainer.startup import ensure_ray, job_placement, load_processor, resolve_home_checkpoint, reward_inputs
+from home_rl.trainer.startup import check_memory, ensure_ray, job_placement, load_processor, resolve_home_checkpoint, reward_inputs
 
 __all__ = ["GRPOThinkConfig", "GRPOThinkTrainer", "train"]
 
@@ -51,9 +51,12 @@ class GRPOThinkTrainer:
         if cfg.train_shared:
             log.warning("train_shared=true: shared weights train too, so the fast expert's outputs drift")
         make_synthetic_data(cfg)
+        self.home_dir = resolve_home_checkpoint(cfg.model.path, "model.path", "recipes/upcycle.py")
+        cpus = (cfg.learner.num_learners * cfg.learner.resources.cpus + cfg.rollout.num_workers
+                * cfg.rollout.resources.cpus + cfg.reward.num_workers * cfg.reward.resources.cpus + 1)
+        check_memory(cfg, "grpo_think", self.home_dir, cpus)  # before config.yaml: it records zero_stage=auto's pick
         save_config(cfg, self.out)
 
-        self.home_dir = resolve_home_checkpoint(cfg.model.path, "model.path", "recipes/upcycle.py")
         self.processor = load_processor(self.home_dir)
         log_splits(cfg)
         self.rows = load_dataset(cfg.data, self.processor, experts=(THINK,)).rows
@@ -70,8 +73,7 @@ class GRPOThinkTrainer:
         from home_rl.rollout import RolloutPool
         from reward import RewardPool
 
-        ensure_ray(cfg.learner.num_learners * cfg.learner.resources.cpus + cfg.rollout.num_workers
-                   * cfg.rollout.resources.cpus + cfg.reward.num_workers * cfg.reward.resources.cpus + 1)
+        ensure_ray(cpus)
         self.placement = self.rollout = self.learner = self.rewards = None
         self.step = 0
         try:

@@ -49,7 +49,8 @@ def train_router(cfg: RouterStageConfig) -> Path:
     save_config(cfg, out)
 
     rollout = cfg.rollout if given is None else None  # given labels: no view answers
-    with ViewsRun(checkpoint, rollout, cfg.reward, cfg.actor.resources, out / "views") as run:
+    with ViewsRun(checkpoint, rollout, cfg.reward, cfg.actor.resources, out / "views",
+                  plan_cfg=cfg) as run:
         trainer = run.trainer
         info = ray.get(trainer.info.remote())
         if given is None:

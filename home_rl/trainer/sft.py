@@ -32,7 +32,7 @@ from home_rl.learner.batch import Sequence
 from home_rl.learner.config import LearnerConfig
 from home_rl.trainer.checkpoint import read_state, resolve_resume, save_checkpoint
 from home_rl.trainer.config import TrainerConfig
-from home_rl.trainer.startup import ensure_ray, job_placement, load_processor
+from home_rl.trainer.startup import check_memory, ensure_ray, job_placement, load_processor
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +146,12 @@ def run_sft(cfg: SFTConfig) -> Path:
     rows = [r for r in data.rows if r["id"] in sequences]
     loader = PromptLoader(rows, cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                           drop_last=cfg.data.drop_last, stratify_by=cfg.data.stratify_by)
+    cpus = cfg.learner.num_learners * cfg.learner.resources.cpus
+    joined = check_memory(cfg, "sft", model_dir, cpus)  # before config.yaml: it records zero_stage=auto's pick
     save_config(cfg, out)
 
     resume_from = resolve_resume(out, cfg.trainer.resume)
-    started_ray = ensure_ray(cfg.learner.num_learners * cfg.learner.resources.cpus)
+    started_ray = ensure_ray(cpus) or joined
     try:
         placement = job_placement(ClusterConfig(), learner=cfg.learner)
         group = LearnerGroup(cfg.learner, str(model_dir), cfg.model.dtype, cfg.trainer.total_steps, placement)

@@ -3,6 +3,7 @@
 One path for all of them (GRPO, SFT and the cold start, the router stage, the evaluation):
 
     started = ensure_ray(cpus_needed)          # join RAY_ADDRESS's cluster, or start a local runtime
+    check_memory(cfg, "grpo_think", home, cpus)  # every actor's predicted peak memory; learner.zero_stage=auto resolved
     placement = job_placement(cfg.cluster, learner=cfg.learner, rollout=cfg.rollout, reward=cfg.reward)
     home = resolve_home_checkpoint(path, key, make_it)
     processor = load_processor(home)
@@ -58,6 +59,27 @@ def ensure_ray(cpus_needed: float) -> bool:
              configure_logging=False)
     console.phase_done("ray", f"local runtime {cpus} CPUs", start)
     return True
+
+
+def check_memory(cfg: Any, recipe: str, model_dir: str | Path, cpus_needed: float) -> bool:
+    """The memory plan's check (home_rl/memory_plan.py) beside the resource check, before any actor starts:
+    a config whose actors cannot fit, or whose lengths exceed the model's context, is a ConfigError (exit 2)
+    with one line naming the knob; learner.zero_stage=auto becomes the stage the plan chose.
+
+    The plan is for where the job runs: with RAY_ADDRESS the cluster, which is known only once joined, so
+    this joins it first (ensure_ray; returns whether it connected); a local run is planned for this machine
+    before Ray starts. Call it before save_config, so that config.yaml records the chosen stage."""
+    from home_rl import console
+    from home_rl.memory_plan import check_memory as plan_check
+
+    started = ensure_ray(cpus_needed) if os.environ.get("RAY_ADDRESS") else False
+    start = time.perf_counter()
+    result = plan_check(cfg, recipe, model_dir)
+    peaks = ", ".join(f"{a.role} {a.predicted_gib:.1f}/{a.available_gib:.0f} GiB" for a in result.actors
+                      if a.role in ("learner", "rollout") or a.device == "host")
+    console.phase_done("memory", f"plan {'fits' if result.fits else 'not checked (cluster.check_memory=false)'}: "
+                                 f"{peaks}", start)
+    return started
 
 
 def job_placement(cluster: ClusterConfig, learner: Optional[LearnerConfig] = None,
