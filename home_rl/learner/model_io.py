@@ -16,6 +16,7 @@ from torch import nn
 
 from home_rl.errors import ConfigError
 from home_rl.model import DTYPES, HomeModel, is_home_checkpoint
+from home_rl.model.home import read_home_config
 from home_rl.model.architectures import architecture_of, model_class, read_config_json
 
 log = logging.getLogger(__name__)
@@ -28,15 +29,9 @@ _NOT_ASSETS = ("config.json", "generation_config.json", "model.safetensors.index
 def load_for_training(path: str | Path, dtype: torch.dtype, ds_config: dict,
                       frozen_copies: list[str]) -> tuple[nn.Module, bool]:
     """(model in train mode, is_home). `frozen_copies` are NAME=EXPERT copies added to every HybridMLP."""
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
     if is_home_checkpoint(path):
-        model = HomeModel.from_pretrained(path, dtype=dtype)
-        for item in frozen_copies:
-            name, _, expert = item.partition("=")
-            if expert not in model.expert_names:
-                raise ConfigError(f"learner.frozen_copies: {item!r} copies unknown expert {expert!r}; "
-                                  f"the model has {model.expert_names}")
-            for mlp in model.hybrid_mlps:
-                mlp.add_expert(name, copy_of=expert)
+        model = _load_home(Path(path), dtype, ds_config if zero3 else None, frozen_copies)
         # Under ZeRO-3 every rank must enter the same modules; with per-row routes a rank could
         # otherwise skip an expert that another rank runs and the collective gathers would hang.
         for mlp in model.hybrid_mlps:
@@ -46,7 +41,7 @@ def load_for_training(path: str | Path, dtype: torch.dtype, ds_config: dict,
         raise ConfigError(f"learner.frozen_copies={frozen_copies} needs a HOME model; {path} is dense")
     arch = architecture_of(read_config_json(path), where=str(Path(path) / "config.json"))
     cls = model_class(arch)
-    if ds_config["zero_optimization"]["stage"] == 3:
+    if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
         ds_hook = HfDeepSpeedConfig(ds_config)  # transformers partitions while loading only while this lives
@@ -55,6 +50,37 @@ def load_for_training(path: str | Path, dtype: torch.dtype, ds_config: dict,
     else:
         model = cls.from_pretrained(path, dtype=dtype)
     return model.train(), False
+
+
+def _load_home(path: Path, dtype: torch.dtype, zero3_config: dict | None, frozen_copies: list[str]) -> HomeModel:
+    """The HOME model with its frozen copies; under ZeRO-3 (`zero3_config`) partitioned from the start.
+
+    ZeRO-3: every module is built inside deepspeed.zero.Init, which partitions its weights over the
+    ranks as soon as the module exists, so no rank ever holds the whole model. Then one group of
+    tensors (a decoder layer) at a time is gathered whole, rank 0 reads those tensors from the
+    safetensors files and copies them in, and leaving the group broadcasts them and partitions
+    them again.
+    """
+    config, home_config = read_home_config(path)
+    copies = {}
+    for item in frozen_copies:
+        name, _, expert = item.partition("=")
+        if expert not in home_config["experts"]:
+            raise ConfigError(f"learner.frozen_copies: {item!r} copies unknown expert {expert!r}; "
+                              f"the model has {home_config['experts']}")
+        copies[name] = expert
+    if zero3_config is None:
+        return HomeModel.from_pretrained(path, dtype=dtype, copies=copies)
+    import deepspeed
+
+    # The dtype comes from the config's bf16/fp16 switches (set from `dtype`): DeepSpeed 0.19's Init
+    # ignores its own dtype argument on a CPU without fp16 and builds in bfloat16.
+    with deepspeed.zero.Init(config_dict_or_path=zero3_config):
+        model = HomeModel.from_config(config, home_config, dtype, copies)
+    model.load_checkpoint_weights(path, copies, reads=torch.distributed.get_rank() == 0,
+                                  gathered=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+    model.asset_dir = path
+    return model
 
 
 def write_trained(state_dict: dict[str, torch.Tensor], source: str | Path, model: nn.Module, is_home: bool,
