@@ -1,9 +1,15 @@
 """Loading a dense or HOME checkpoint for training, and writing the trained model back as the same kind.
 
-Dense models are built under transformers' `HfDeepSpeedConfig` when ZeRO-3 is on, so each rank
-loads only its partition (DeepSpeed's documented route; raw `zero.Init()` left MoE-style expert
-weights uninitialised). A HOME model is loaded in plain torch (HomeModel.from_pretrained copies
-experts, which partitioned tensors cannot do) and DeepSpeed partitions it at `initialize`.
+Under ZeRO-3 no learner ever holds a whole model: a HOME model is built inside `deepspeed.zero.Init`,
+which partitions each module's weights over the ranks as the module is built (the extra experts are
+new modules, not deep copies, which partitioned modules cannot be), then filled one decoder layer at a
+time: the layer is gathered whole, rank 0 reads its tensors lazily from the safetensors (a frozen copy
+reads the tensors of the expert it copies) and leaving the gather broadcasts and re-partitions them.
+A learner's loading memory is its partition plus one layer. Dense models are built under
+transformers' `HfDeepSpeedConfig`, DeepSpeed's documented route (raw `zero.Init()` around
+transformers' from_pretrained left MoE-style expert weights uninitialised; the HOME load fills every
+tensor itself and checks that the checkpoint has them all). Stages 0-2 load in plain torch, one tensor
+at a time, and DeepSpeed shards the optimiser at `initialize`.
 """
 from __future__ import annotations
 
@@ -53,14 +59,7 @@ def load_for_training(path: str | Path, dtype: torch.dtype, ds_config: dict,
 
 
 def _load_home(path: Path, dtype: torch.dtype, zero3_config: dict | None, frozen_copies: list[str]) -> HomeModel:
-    """The HOME model with its frozen copies; under ZeRO-3 (`zero3_config`) partitioned from the start.
-
-    ZeRO-3: every module is built inside deepspeed.zero.Init, which partitions its weights over the
-    ranks as soon as the module exists, so no rank ever holds the whole model. Then one group of
-    tensors (a decoder layer) at a time is gathered whole, rank 0 reads those tensors from the
-    safetensors files and copies them in, and leaving the group broadcasts them and partitions
-    them again.
-    """
+    """The HOME model with its frozen copies; under ZeRO-3 (`zero3_config`) partitioned from the start."""
     config, home_config = read_home_config(path)
     copies = {}
     for item in frozen_copies:
