@@ -13,9 +13,12 @@ at a time, and DeepSpeed shards the optimiser at `initialize`.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -76,10 +79,30 @@ def _load_home(path: Path, dtype: torch.dtype, zero3_config: dict | None, frozen
     # ignores its own dtype argument on a CPU without fp16 and builds in bfloat16.
     with deepspeed.zero.Init(config_dict_or_path=zero3_config):
         model = HomeModel.from_config(config, home_config, dtype, copies)
-    model.load_checkpoint_weights(path, copies, reads=torch.distributed.get_rank() == 0,
-                                  gathered=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
+    _release_freed_memory()
+
+    @contextlib.contextmanager
+    def gathered(params: list[nn.Parameter]) -> Iterator[None]:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield
+        _release_freed_memory()
+
+    model.load_checkpoint_weights(path, copies, gathered=gathered, reads=torch.distributed.get_rank() == 0)
     model.asset_dir = path
     return model
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    The partitioned build frees each module's whole weights once partitioned, and the fill frees each
+    gathered layer; glibc keeps such blocks mapped, in holes between live partitions, and the optimiser
+    state that deepspeed.initialize allocates next would otherwise come on top of them.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def write_trained(state_dict: dict[str, torch.Tensor], source: str | Path, model: nn.Module, is_home: bool,

@@ -140,7 +140,7 @@ class HomeModel(nn.Module):
             raise ModelError(f"no *.safetensors weights in {folder}")
         where, shapes = {}, {}
         for f in files:
-            with safe_open(f, framework="pt") as st:
+            with safe_open(f, framework="pt", backend="pread") as st:
                 for key in st.keys():
                     where[key] = f
                     shapes[key] = tuple(st.get_slice(key).get_shape())
@@ -162,8 +162,8 @@ class HomeModel(nn.Module):
             params = [own[key] for key in group if isinstance(own[key], nn.Parameter)]
             with (gathered(params) if gathered else contextlib.nullcontext()), torch.no_grad():
                 for f in sorted({where[sources[key]] for key in group}):
-                    # Opened per group: the pages it maps count as this process's memory until it is closed.
-                    with safe_open(f, framework="pt") as st:
+                    # pread, not mmap: the file's pages read through a map would count as this process's memory.
+                    with safe_open(f, framework="pt", backend="pread") as st:
                         for key in group:
                             # A buffer is whole on every rank (ZeRO partitions parameters only): each reads its own.
                             if where[sources[key]] == f and (reads or not isinstance(own[key], nn.Parameter)):
