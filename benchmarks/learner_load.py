@@ -86,6 +86,7 @@ class MeasuredWorker(LearnerWorker):
             out = load(*a, **kw)
             marks["load_s"] = round(time.perf_counter() - start, 2)
             marks["peak_after_load_mb"] = _status_mb("VmHWM")
+            marks["rss_after_load_mb"] = _status_mb("VmRSS")  # what the loaded model holds, without transients
             return out
 
         model_io.load_for_training = measured
@@ -96,7 +97,7 @@ class MeasuredWorker(LearnerWorker):
                 "rss_before_mb": round(before), "peak_after_load_mb": round(marks["peak_after_load_mb"]),
                 "peak_mb": round(peak), "loading_mb": round(peak - before),
                 "loading_before_initialize_mb": round(marks["peak_after_load_mb"] - before),
-                "rss_after_mb": round(_status_mb("VmRSS")), "load_s": marks["load_s"], "setup_s": info["setup_s"],
+                "rss_after_load_mb": round(marks["rss_after_load_mb"]), "rss_after_mb": round(_status_mb("VmRSS")), "load_s": marks["load_s"], "setup_s": info["setup_s"],
                 "peak_reset": marks["peak_reset"]}
 
 
