@@ -7,17 +7,19 @@ plus one expert under the dense model's own names: a plain checkpoint for transf
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, ContextManager, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 import transformers
 import transformers.initialization as hf_init
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers.core_model_loading import revert_weight_conversion
 from torch import nn
 
@@ -75,7 +77,7 @@ class HomeModel(nn.Module):
         arch = architecture_of(dense.config)
         layers = decoder_layers(dense, arch)
         for layer in layers:
-            layer.mlp = HybridMLP(layer.mlp)
+            layer.mlp = HybridMLP.upcycled(layer.mlp)
         if router_layer is None:
             router_layer = len(layers) // 2
         if not 0 <= router_layer < len(layers):
@@ -86,60 +88,86 @@ class HomeModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: transformers.PretrainedConfig, home_config: dict,
-                    dtype: Optional[torch.dtype] = None) -> "HomeModel":
-        """An uninitialised HOME model of this shape (weights are loaded by the caller)."""
+                    dtype: Optional[torch.dtype] = None, copies: Optional[Mapping[str, str]] = None) -> "HomeModel":
+        """An uninitialised HOME model of this shape (weights are loaded by the caller).
+
+        Its experts are home_config's plus the frozen `copies` (name -> the expert whose weights it
+        gets at loading, e.g. think_ref -> think). Every module is built new, none copied, so this also
+        builds inside deepspeed.zero.Init, which partitions each module's weights as it is built.
+        """
         arch = architecture_of(config)
         if isinstance(dtype, str) or dtype is None:
             dtype = getattr(torch, dtype or str(config.dtype or "float32").replace("torch.", ""))
+        copies = dict(copies or {})
+        unknown = sorted(e for e in copies.values() if e not in home_config["experts"])
+        if unknown:
+            raise ValueError(f"copies of unknown expert(s) {unknown}; the checkpoint has {home_config['experts']}")
+        names = list(home_config["experts"]) + [n for n in copies if n not in home_config["experts"]]
         with hf_init.no_init_weights():  # every weight is overwritten by the checkpoint: skip random init
             base = model_class(arch)._from_config(config, dtype=dtype)
-        base.tie_weights()  # skipped under no_init_weights; a tied LM head must share the embedding
-        for layer in decoder_layers(base, arch):
-            layer.mlp = HybridMLP(layer.mlp)
-        model = cls(base, home_config)
-        for mlp in model.hybrid_mlps:  # experts beyond fast/think (e.g. a saved reference copy)
-            for name in home_config["experts"]:
-                if name not in mlp.experts:
-                    mlp.add_expert(name, copy_of=THINK)
-        return model
+            base.tie_weights()  # skipped under no_init_weights; a tied LM head must share the embedding
+            for layer in decoder_layers(base, arch):
+                layer.mlp = HybridMLP.shaped_like(layer.mlp, names)
+                for name in copies:
+                    layer.mlp.experts[name].requires_grad_(False)
+            return cls(base, home_config)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: Optional[torch.dtype] = None) -> "HomeModel":
+    def from_pretrained(cls, folder: str | Path, dtype: Optional[torch.dtype] = None,
+                        copies: Optional[Mapping[str, str]] = None) -> "HomeModel":
+        """A HOME checkpoint in plain torch, plus the frozen `copies` (name -> expert) if given."""
         folder = Path(folder)
-        raw = read_config_json(folder)
-        if HOME_KEY not in raw:
-            raise ModelError(f"{folder} is a dense checkpoint, not a HOME one (no '{HOME_KEY}' section in "
-                             f"config.json): upcycle it first with recipes/upcycle.py")
-        architecture_of(raw, where=str(folder / "config.json"))
-        config = transformers.AutoConfig.from_pretrained(folder)
-        home_config = getattr(config, HOME_KEY)
-        delattr(config, HOME_KEY)
-        model = cls.from_config(config, home_config, dtype)
-        model.load_checkpoint_weights(folder)
+        config, home_config = read_home_config(folder)
+        model = cls.from_config(config, home_config, dtype, copies)
+        model.load_checkpoint_weights(folder, copies)
         model.asset_dir = folder
         return model.eval()
 
-    def load_checkpoint_weights(self, folder: Path) -> None:
-        """Load the safetensors of a HOME folder; missing or unexpected tensors are a ModelError."""
+    def load_checkpoint_weights(self, folder: Path, copies: Optional[Mapping[str, str]] = None,
+                                gathered: Optional[Callable[[list[nn.Parameter]], ContextManager]] = None,
+                                reads: bool = True) -> None:
+        """Fill the model from a HOME folder's safetensors, one group at a time (a decoder layer, a vision
+        block, another module's own tensors), reading each tensor from its file as it is copied in: the
+        file is never in memory as a whole. Missing, unexpected or misshapen tensors are a ModelError.
+
+        `copies` (name -> expert): expert `name` gets `expert`'s tensors. A partitioned (ZeRO-3) model
+        passes `gathered(params)`, a context in which a group's parameters are whole and what the reading
+        rank writes reaches every rank, and `reads`: whether this rank reads parameters. Every rank
+        checks the headers, so a bad checkpoint fails on all ranks alike rather than hanging the others.
+        """
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise ModelError(f"no *.safetensors weights in {folder}")
-        state = {}
+        where, shapes = {}, {}
         for f in files:
-            state.update(load_file(f))
-        expected = self.checkpoint_keys()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(self.state_dict()))
+            with safe_open(f, framework="pt", backend="pread") as st:
+                for key in st.keys():
+                    where[key] = f
+                    shapes[key] = tuple(st.get_slice(key).get_shape())
+        own = self.state_dict(keep_vars=True)  # the parameters themselves: a partitioned one is filled when gathered
+        sources = {key: _copy_source(key, copies or {}) for key in self.checkpoint_keys()}
+        missing = sorted(set(sources.values()) - set(where))
+        unexpected = sorted(set(where) - set(own))
         if missing or unexpected:
             raise ModelError(f"HOME checkpoint {folder} does not match its config: "
                              + (f"missing tensors {_short_list(missing)}" if missing else "")
                              + ("; " if missing and unexpected else "")
                              + (f"unexpected tensors {_short_list(unexpected)}" if unexpected else ""))
-        own = self.state_dict()
-        with torch.no_grad():
-            for key, tensor in state.items():
-                own[key].copy_(tensor)
-        self.base.tie_weights()
+        misshapen = [f"{src} {list(shapes[src])} for {list(_full_shape(own[key]))}" for key, src in sources.items()
+                     if shapes[src] != _full_shape(own[key])]
+        if misshapen:
+            raise ModelError(f"HOME checkpoint {folder} does not match its config: tensors of another shape "
+                             f"{_short_list(misshapen)}")
+        for group in _load_groups(list(sources)):
+            params = [own[key] for key in group if isinstance(own[key], nn.Parameter)]
+            with (gathered(params) if gathered else contextlib.nullcontext()), torch.no_grad():
+                for f in sorted({where[sources[key]] for key in group}):
+                    # pread, not mmap: the file's pages read through a map would count as this process's memory.
+                    with safe_open(f, framework="pt", backend="pread") as st:
+                        for key in group:
+                            # A buffer is whole on every rank (ZeRO partitions parameters only): each reads its own.
+                            if where[sources[key]] == f and (reads or not isinstance(own[key], nn.Parameter)):
+                                own[key].copy_(st.get_tensor(sources[key]))
 
     # ------------------------------------------------------------------ forward
 
@@ -204,10 +232,11 @@ class HomeModel(nn.Module):
     def checkpoint_keys(self) -> list[str]:
         """State-dict keys that a checkpoint stores: tied copies (a tied LM head) are stored once."""
         seen, keys = set(), []
-        for key, tensor in self.state_dict().items():
-            if tensor.data_ptr() in seen:
+        # By identity, not storage: a partitioned (ZeRO-3) parameter's local storage is empty.
+        for key, tensor in self.state_dict(keep_vars=True).items():
+            if id(tensor) in seen:
                 continue
-            seen.add(tensor.data_ptr())
+            seen.add(id(tensor))
             keys.append(key)
         return keys
 
@@ -265,6 +294,49 @@ class HomeModel(nn.Module):
 
 class _EnoughLayers(Exception):
     """Raised from a forward hook to stop a forward pass once the router's layer has run."""
+
+
+def read_home_config(folder: Path) -> tuple[transformers.PretrainedConfig, dict]:
+    """(base config, home section) of a HOME checkpoint folder; a dense folder is a ModelError."""
+    raw = read_config_json(folder)
+    if HOME_KEY not in raw:
+        raise ModelError(f"{folder} is a dense checkpoint, not a HOME one (no '{HOME_KEY}' section in "
+                         f"config.json): upcycle it first with recipes/upcycle.py")
+    architecture_of(raw, where=str(Path(folder) / "config.json"))
+    config = transformers.AutoConfig.from_pretrained(folder)
+    home_config = getattr(config, HOME_KEY)
+    delattr(config, HOME_KEY)
+    return config, home_config
+
+
+def _copy_source(key: str, copies: Mapping[str, str]) -> str:
+    """The checkpoint tensor that fills `key`: a copied expert's own name replaced by its source's."""
+    m = _EXPERT_IN_NAME.search(key)
+    if m is None or m.group(1) not in copies:
+        return key
+    return key[:m.start(1)] + copies[m.group(1)] + key[m.end(1):]
+
+
+def _full_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))  # a partitioned parameter keeps its shape in ds_shape
+
+
+_GROUP = re.compile(r"^(.*?\.(?:layers|blocks)\.\d+)\.")
+
+
+def _load_groups(keys: list[str]) -> list[list[str]]:
+    """Keys (in module order) in the groups that are loaded together: a decoder layer or vision block,
+    else one module's own tensors."""
+    groups: list[list[str]] = []
+    last = None
+    for key in keys:
+        m = _GROUP.match(key)
+        group = m.group(1) if m else key.rpartition(".")[0]
+        if group != last:
+            groups.append([])
+            last = group
+        groups[-1].append(key)
+    return groups
 
 
 def _short_list(keys: list[str], limit: int = 8) -> str:

@@ -6,7 +6,7 @@ sequence (or one name for the whole batch). Each expert runs only on the rows ro
 from __future__ import annotations
 
 import copy
-from typing import Union
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -18,24 +18,32 @@ Route = Union[str, torch.Tensor]
 
 
 class HybridMLP(nn.Module):
-    def __init__(self, dense_mlp: nn.Module):
+    def __init__(self, experts: Mapping[str, nn.Module]):
         super().__init__()
-        # Both experts start as exact copies of the dense MLP (upcycling).
-        self.experts = nn.ModuleDict({FAST: dense_mlp, THINK: copy.deepcopy(dense_mlp)})
+        self.experts = nn.ModuleDict(dict(experts))
         self.route: Route = THINK
         # Under ZeRO-3 every rank must enter the same modules (entering one gathers its weights
         # collectively), so the learner sets this: experts with no rows still run on 0 rows.
         self.call_every_expert = False
 
+    @classmethod
+    def upcycled(cls, dense_mlp: nn.Module) -> "HybridMLP":
+        """Both experts start as exact copies of the dense MLP (upcycling)."""
+        return cls({FAST: dense_mlp, THINK: copy.deepcopy(dense_mlp)})
+
+    @classmethod
+    def shaped_like(cls, mlp: nn.Module, names: Sequence[str]) -> "HybridMLP":
+        """Experts `names` for weights loaded afterwards: `mlp` itself is the first, the others are new
+        modules of its class. New modules, not copies: under deepspeed.zero.Init each is partitioned as
+        it is built, whereas a deep copy of a partitioned module is no ZeRO module (its parameters are
+        empty placeholders that claim the original's ZeRO identity)."""
+        if not hasattr(mlp, "config"):
+            raise TypeError(f"{type(mlp).__name__} keeps no config to build more experts of its shape from")
+        return cls({name: mlp if i == 0 else type(mlp)(mlp.config) for i, name in enumerate(names)})
+
     @property
     def names(self) -> list[str]:
         return list(self.experts.keys())
-
-    def add_expert(self, name: str, copy_of: str) -> None:
-        """Add a frozen copy of an expert (e.g. the reference think expert for the KL term)."""
-        clone = copy.deepcopy(self.experts[copy_of])
-        clone.requires_grad_(False)
-        self.experts[name] = clone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = self.route
