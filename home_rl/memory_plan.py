@@ -12,7 +12,7 @@ vision tower), and the run's config says how they are held:
               and the host RAM of loading (ZeRO-3: the partition + one layer, stages 0-2: the whole model)
     rollout   the view's weights, the KV cache (rollout.kv_cache_gib on CPU, gpu_memory_utilization of the GPU
               on GPUs), the vision encoder's buffers, a baseline
-    driver    a baseline, plus the export of the think view (the HOME checkpoint loaded in fp32 once)
+    driver    a baseline, plus the export of the think view (the HOME checkpoint loaded once in its own dtype)
     host      per node, everything placed there (the placement the config implies: home_rl/cluster.py)
 
     plan = plan_for_config(cfg, recipe="grpo_think")        # the local machine, a Ray cluster, or Cluster(...)
@@ -174,7 +174,7 @@ def local_cluster() -> Cluster:
     """This machine: its RAM (MemTotal: the machine's size, not what other jobs leave free now) and GPUs."""
     import torch
 
-    from home_rl.learner.worker import bf16_supported
+    from home_rl.resources import bf16_supported
 
     gpus, gpu_gib = _local_gpus()
     # bf16 on GPUs is taken as given (every GPU the learners target has it): asking torch would start CUDA here
@@ -329,11 +329,8 @@ def _count(folder: Path, trainable: Any, frozen_copies: Sequence[str]) -> ModelS
         if is_home:
             home_config = getattr(config, HOME_KEY)
             delattr(config, HOME_KEY)
-            model = HomeModel.from_config(config, home_config, dtype=torch.float32)
-            for item in frozen_copies:
-                name, _, expert = item.partition("=")
-                for mlp in model.hybrid_mlps:
-                    mlp.add_expert(name, copy_of=expert)
+            copies = dict(item.split("=", 1) for item in frozen_copies)
+            model = HomeModel.from_config(config, home_config, dtype=torch.float32, copies=copies)
             layers = decoder_layers(model.base, arch)
         else:
             if frozen_copies:
@@ -475,8 +472,9 @@ def micro_batch_shape(learner: Any, run: Run) -> tuple[int, int, int]:
     return rows, length, min(run.response_tokens, length)
 
 
-def rollout_parts(shape: ModelShape, rollout: Any, on_gpu: bool, gpu_gib: float) -> dict[str, float]:
-    b = 4 if rollout.dtype == "float32" else 2
+def rollout_parts(shape: ModelShape, rollout: Any, on_gpu: bool, gpu_gib: float, bf16: bool = True) -> dict[str, float]:
+    # a CPU without bfloat16 runs a bfloat16 engine in float32 (home_rl/rollout/worker.py)
+    b = 4 if rollout.dtype == "float32" or (rollout.dtype == "bfloat16" and not bf16 and not on_gpu) else 2
     tp = max(1, rollout.tensor_parallel_size)
     parts = {"weights": shape.view * b / tp / GIB}
     if on_gpu:  # vLLM takes its share of the GPU whole: weights, activations, and the rest as KV cache
@@ -556,7 +554,7 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
     rollout = run.rollout
     if rollout is not None:
         on_gpu = rollout.resources.gpus > 0  # rollout workers take GPUs only when asked (rollout.resources.gpus)
-        parts = rollout_parts(shape, rollout, on_gpu, gpu_size)
+        parts = rollout_parts(shape, rollout, on_gpu, gpu_size, cluster.bf16)
         if on_gpu and gpus < rollout.num_workers * rollout.resources.gpus:
             notes.append(f"rollout: not planned, {cluster.source} lacks its GPUs (the resource check says which)")
         elif on_gpu and gpu_size <= 0:
@@ -594,9 +592,9 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
             if not actors[-1].fits:
                 advice.append("lower rollout.kv_cache_gib or rollout.num_workers")
 
-    if run.router_trainer:  # HomeModel.from_pretrained in the checkpoint's dtype: the model + its state dict
+    if run.router_trainer:  # HomeModel.from_pretrained in the checkpoint's dtype, read a tensor at a time
         weights = shape.home_checkpoint * shape.disk_bytes / GIB
-        predicted = LEARNER_BASELINE_GIB + 2 * weights
+        predicted = LEARNER_BASELINE_GIB + weights
         actors.append(ActorPlan("router trainer", 1, "cpu", predicted, host0,
                                 {"weights": weights, "loading": weights, "baseline": LEARNER_BASELINE_GIB}))
         place(0, predicted, 1)
@@ -607,12 +605,12 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
                                 {"baseline": REWARD_WORKER_GIB}))
         place(0, REWARD_WORKER_GIB, run.reward_workers)
     driver = {"baseline": DRIVER_BASELINE_GIB}
-    if run.exports_view:  # export_think_view: HomeModel.from_pretrained in fp32 + the checkpoint's state dict
-        driver["view_export"] = shape.home_checkpoint * (4 + shape.disk_bytes) / GIB
+    if run.exports_view:  # export_think_view: HomeModel.from_pretrained in the checkpoint's dtype, streamed
+        driver["view_export"] = shape.home_checkpoint * shape.disk_bytes / GIB
     host_of[0] += sum(driver.values())
     actors.append(ActorPlan("driver", 1, "cpu", sum(driver.values()), host0, driver))
     if not actors[-1].fits:
-        advice.append("the driver exports the think view from the HOME checkpoint loaded in fp32: run it on a node "
+        advice.append("the driver exports the think view from the whole HOME checkpoint: run it on a node "
                       "with more RAM")
     for i, (node, used) in enumerate(zip(cluster.nodes, host_of)):
         actors.append(ActorPlan(f"host node {i}", 1, "host", used, node.host_gib * USABLE, {"placed": used}))
@@ -659,8 +657,6 @@ def learner_advice(learner: Any, stage: int, on_gpu: bool, parts: dict[str, floa
             knobs.append("set learner.gradient_checkpointing=true")
     if stage < 3:
         knobs.append("raise learner.zero_stage (or auto)")
-    if hasattr(learner, "offload"):
-        knobs.append("set learner.offload")
     knobs.append(f"raise learner.num_learners (now {learner.num_learners})")
     if by_token < state:
         knobs.append(micro)

@@ -51,3 +51,15 @@ class Resources:
 def resources_field(**defaults: Any) -> Any:
     """A `resources` config field with this group's defaults."""
     return dataclasses.field(default_factory=lambda: Resources(**defaults))
+
+
+def bf16_supported(device: Any) -> bool:
+    """Whether `device` (a torch.device) computes in bfloat16 natively. A CPU without AVX-512-BF16 or AMX
+    emulates it: its learners train and its vLLM engines decode in float32 instead (vLLM's CPU engine
+    decoded 3x slower in bfloat16 than in float32 on such a CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())

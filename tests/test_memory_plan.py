@@ -64,9 +64,7 @@ def test_a_tiny_models_counts_are_its_real_parameters(tiny_home):
 
     folder = tiny_home("qwen2_5_vl")
     shape = model_shape(folder, "think", ["think_ref=think"])
-    model = HomeModel.from_pretrained(folder)
-    for mlp in model.hybrid_mlps:
-        mlp.add_expert("think_ref", copy_of="think")
+    model = HomeModel.from_pretrained(folder, copies={"think_ref": "think"})
     trainable = select_trainable(model, trainable_patterns("think"), ("*.experts.think_ref.*",))
     params = dict(model.named_parameters())
     assert shape.params == sum(p.numel() for p in params.values())

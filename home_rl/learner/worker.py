@@ -23,6 +23,7 @@ from home_rl.learner.batch import Sequence, collate, micro_batches
 from home_rl.learner.config import LearnerConfig, trainable_patterns
 from home_rl.learner.losses import LossInputs, resolve_loss, router_ce, token_log_probs
 from home_rl.learner.optim import WarmupSchedule, param_groups, select_trainable
+from home_rl.resources import bf16_supported
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,6 @@ def deepspeed_config(cfg: LearnerConfig, dtype: torch.dtype, world_size: int) ->
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 class LearnerWorker:

@@ -11,6 +11,7 @@ per-request `SamplingParams(seed=...)` crashes on the CPU build ("CPU Generator 
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Iterable, Optional, Sequence
@@ -19,10 +20,13 @@ import torch
 
 from home_rl.console import capture_output
 from home_rl.errors import ModelError
+from home_rl.resources import bf16_supported
 from home_rl.rollout.config import RolloutConfig, check_rollout_config
 from home_rl.rollout.engine_ext import hold_incomplete, missing_fused_parts, pack_bucket
 from home_rl.rollout.inputs import RolloutInputError, describe, prepare_prompt
 from home_rl.rollout.types import RolloutResult, Sample
+
+log = logging.getLogger(__name__)
 
 EXTENSION = "home_rl.rollout.engine_ext.WeightUpdateExtension"
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_response_tokens", "stop")
@@ -73,12 +77,16 @@ class RolloutWorker:
         # vLLM's sleep mode needs its CUDA memory allocator; the CPU build has nothing to free
         self.can_sleep = cfg.sleep_during_updates and current_platform.is_sleep_mode_available()
         self.version = 0
+        self.dtype = cfg.dtype
+        if cfg.dtype == "bfloat16" and current_platform.is_cpu() and not bf16_supported(torch.device("cpu")):
+            log.warning("bfloat16 is not supported on this cpu: the rollout engine runs in float32")
+            self.dtype = "float32"
         hf_config = transformers.AutoConfig.from_pretrained(self.model_path)
         multimodal = hasattr(hf_config, "vision_config")
         start = time.perf_counter()
         self.llm = LLM(
             model=self.model_path,
-            dtype=cfg.dtype,
+            dtype=self.dtype,
             seed=cfg.seed + rank,
             max_model_len=cfg.max_model_len,
             enforce_eager=cfg.enforce_eager,

@@ -303,13 +303,11 @@ def log_splits(cfg: GRPOThinkConfig) -> None:
 
 def export_think_view(home_dir: Path, out: Path) -> Path:
     """The think view of the starting checkpoint, for the rollout engines (made once per run)."""
-    import torch
-
     from home_rl.model import HomeModel
 
     view = out / "views" / THINK
-    if not (view / "config.json").is_file():
-        HomeModel.from_pretrained(home_dir, dtype=torch.float32).export_view(THINK, view)
+    if not (view / "config.json").is_file():  # in the checkpoint's own dtype: each engine casts to rollout.dtype
+        HomeModel.from_pretrained(home_dir).export_view(THINK, view)
     return view
 
 
