@@ -49,7 +49,7 @@ def deepspeed_config(cfg: LearnerConfig, dtype: torch.dtype, world_size: int) ->
         # so a step may hold any number of micro-batches.
         "managed_gradient_accumulation": False,
         "train_batch_size": cfg.micro_batch_size * world_size,
-        "gradient_clipping": cfg.grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(cfg, dtype) else cfg.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
@@ -57,6 +57,13 @@ def deepspeed_config(cfg: LearnerConfig, dtype: torch.dtype, world_size: int) ->
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+
+
+def clips_itself(cfg: LearnerConfig, dtype: torch.dtype) -> bool:
+    """Whether the learner clips gradients itself: DeepSpeed clips fp32 ZeRO-0 gradients but drops their norm
+    (every other mode reports it), so there the learner clips in its optimizer's pre-step hook, on the reduced
+    gradients, and keeps the norm for the step's metrics."""
+    return cfg.zero_stage == 0 and dtype == torch.float32
 
 
 class LearnerWorker:
@@ -114,6 +121,15 @@ class LearnerWorker:
                                       eps=self.cfg.eps)
         schedule = WarmupSchedule(self.cfg.warmup_steps, total_steps, self.cfg.lr_schedule, self.cfg.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.own_grad_norm: Optional[float] = None
+        if clips_itself(self.cfg, self.dtype):
+            params = [p for p in model.parameters() if p.requires_grad]
+            limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+
+            def clip(optimizer, args, kwargs):
+                self.own_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+            optimizer.register_step_pre_hook(clip)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config)
         counts = {"trainable": 0, "total": 0}
@@ -179,6 +195,7 @@ class LearnerWorker:
                 sums[key] += float(value)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
+        norm = self.own_grad_norm if norm is None else norm
         return {**sums, "grad_norm": float(norm) if norm is not None else float("nan"), "lr": lr,
                 "compute_s": time.perf_counter() - start, "step": int(self.engine.global_steps)}
 
