@@ -2,15 +2,16 @@
 
     python benchmarks/grpo_step.py                       # the embedded default, 4 steps (first one is warm-up)
     python benchmarks/grpo_step.py model.path=HOME_DIR trainer.total_steps=6
+    python benchmarks/grpo_step.py trainer.total_steps=3 --compare learner.zero_stage=auto learner.zero_stage=3
 
-Prints one JSON object. `overhead_share` is the part of a step spent outside rollout, reward
+Prints one JSON object (with --compare: one per setting, run one after the other with the same seed, and
+each setting's update time over the first's). `overhead_share` is the part of a step spent outside rollout, reward
 scoring and learner compute (old log-probs, reference, update): driver work, Ray transfers and
 the weight push to the rollout engines. The first step is left out of the means (engine warm-up).
 """
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 
 import numpy as np
@@ -46,5 +47,20 @@ def main(argv: list[str]) -> dict:
     }
 
 
+def compare(settings: list[str], argv: list[str]) -> dict:
+    runs = {setting: main([*argv, setting]) for setting in settings}
+    first = runs[settings[0]]
+    return {"benchmark": "grpo_step", "compare": settings, "runs": runs,
+            "update_s_over_first": {s: round(r["update_s"] / first["update_s"], 3) for s, r in runs.items()},
+            "step_s_over_first": {s: round(r["step_s"] / first["step_s"], 3) for s, r in runs.items()}}
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1:])))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compare", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="settings to run one after the other, each on top of the overrides")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    args = ap.parse_args()
+    print(json.dumps(compare(args.compare, args.overrides) if args.compare else main(args.overrides)))
