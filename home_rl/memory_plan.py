@@ -315,7 +315,7 @@ def _count(folder: Path, trainable: Any, frozen_copies: Sequence[str]) -> ModelS
     import torch
     import transformers
 
-    from home_rl.learner.config import trainable_patterns
+    from home_rl.learner.config import frozen_copy_map, trainable_patterns
     from home_rl.learner.optim import name_matches
     from home_rl.model import HomeModel, view_name
     from home_rl.model.home import HOME_KEY
@@ -329,8 +329,8 @@ def _count(folder: Path, trainable: Any, frozen_copies: Sequence[str]) -> ModelS
         if is_home:
             home_config = getattr(config, HOME_KEY)
             delattr(config, HOME_KEY)
-            copies = dict(item.split("=", 1) for item in frozen_copies)
-            model = HomeModel.from_config(config, home_config, dtype=torch.float32, copies=copies)
+            model = HomeModel.from_config(config, home_config, dtype=torch.float32,
+                                          copies=frozen_copy_map(frozen_copies))
             layers = decoder_layers(model.base, arch)
         else:
             if frozen_copies:
@@ -338,7 +338,7 @@ def _count(folder: Path, trainable: Any, frozen_copies: Sequence[str]) -> ModelS
             model = model_class(arch)._from_config(config, dtype=torch.float32)
             layers = decoder_layers(model, arch)
     patterns = trainable_patterns(trainable)
-    copies = tuple(f"*.experts.{item.partition('=')[0]}.*" for item in frozen_copies)
+    copies = tuple(f"*.experts.{name}.*" for name in frozen_copy_map(frozen_copies))
     counts = dict(params=0, trainable=0, frozen_copies=0, vision=0, view=0)
     for name, p in model.named_parameters():
         n = p.numel()

@@ -49,10 +49,7 @@ class LearnerConfig:
         if len(self.betas) != 2:
             raise ConfigError(f"learner.betas needs two numbers, got {list(self.betas)}")
         trainable_patterns(self.trainable)  # raises on a bad value
-        for item in self.frozen_copies:
-            name, _, expert = item.partition("=")
-            if not name or not expert:
-                raise ConfigError(f"learner.frozen_copies entries are NAME=EXPERT (e.g. ref=think), got {item!r}")
+        frozen_copy_map(self.frozen_copies)  # raises on a bad entry
 
 
     def gpus_per_learner(self, cluster_gpus: float) -> float:
@@ -61,6 +58,17 @@ class LearnerConfig:
         if self.resources.gpus or self.device == "cpu":
             return self.resources.gpus
         return 1.0 if self.device == "cuda" or cluster_gpus >= self.num_learners else 0.0
+
+
+def frozen_copy_map(frozen_copies: Any) -> dict[str, str]:
+    """`learner.frozen_copies` (NAME=EXPERT entries) as {name: the expert it copies}."""
+    copies = {}
+    for item in frozen_copies:
+        name, _, expert = str(item).partition("=")
+        if not name or not expert:
+            raise ConfigError(f"learner.frozen_copies entries are NAME=EXPERT (e.g. ref=think), got {item!r}")
+        copies[name] = expert
+    return copies
 
 
 PRESETS = {

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from home_rl.errors import ConfigError
+from home_rl.learner.config import frozen_copy_map
 from home_rl.model import DTYPES, HomeModel, is_home_checkpoint
 from home_rl.model.home import read_home_config
 from home_rl.model.architectures import architecture_of, model_class, read_config_json
@@ -64,13 +65,11 @@ def load_for_training(path: str | Path, dtype: torch.dtype, ds_config: dict,
 def _load_home(path: Path, dtype: torch.dtype, zero3_config: dict | None, frozen_copies: list[str]) -> HomeModel:
     """The HOME model with its frozen copies; under ZeRO-3 (`zero3_config`) partitioned from the start."""
     config, home_config = read_home_config(path)
-    copies = {}
-    for item in frozen_copies:
-        name, _, expert = item.partition("=")
+    copies = frozen_copy_map(frozen_copies)
+    for name, expert in copies.items():
         if expert not in home_config["experts"]:
-            raise ConfigError(f"learner.frozen_copies: {item!r} copies unknown expert {expert!r}; "
+            raise ConfigError(f"learner.frozen_copies: {name + '=' + expert!r} copies unknown expert {expert!r}; "
                               f"the model has {home_config['experts']}")
-        copies[name] = expert
     if zero3_config is None:
         return HomeModel.from_pretrained(path, dtype=dtype, copies=copies)
     import deepspeed

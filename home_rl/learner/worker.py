@@ -20,7 +20,7 @@ import torch
 
 from home_rl.console import capture_output
 from home_rl.learner.batch import Sequence, collate, micro_batches
-from home_rl.learner.config import LearnerConfig, trainable_patterns
+from home_rl.learner.config import LearnerConfig, frozen_copy_map, trainable_patterns
 from home_rl.learner.losses import LossInputs, resolve_loss, router_ce, token_log_probs
 from home_rl.learner.optim import WarmupSchedule, param_groups, select_trainable
 from home_rl.resources import bf16_supported
@@ -110,7 +110,7 @@ class LearnerWorker:
         self.model_path = model_path
         ds_config = deepspeed_config(self.cfg, self.dtype, self.world_size)
         model, self.is_home = load_for_training(model_path, self.dtype, ds_config, list(self.cfg.frozen_copies))
-        self.frozen_copies = tuple(item.partition("=")[0] for item in self.cfg.frozen_copies)
+        self.frozen_copies = tuple(frozen_copy_map(self.cfg.frozen_copies))
         never = tuple(f"*.experts.{name}.*" for name in self.frozen_copies)
         trainable = select_trainable(model, trainable_patterns(self.cfg.trainable), never)
         if self.cfg.gradient_checkpointing:
