@@ -12,9 +12,14 @@ the weight push to the rollout engines. The first step is left out of the means 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 
 import numpy as np
+import torch
+
+if not torch.cuda.is_available():  # before transformers imports deepspeed, whose accelerator probe prints to stdout
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from home_rl.config import load_config
 from home_rl.trainer.grpo_think import GRPOThinkConfig, GRPOThinkTrainer
@@ -42,6 +47,7 @@ def main(argv: list[str]) -> dict:
         "rollout_workers": cfg.rollout.num_workers, "reward_workers": cfg.reward.num_workers,
         **{k.replace("timing/", ""): round(v, 3) for k, v in mean.items()},
         "response_length_mean": float(np.mean([m["response_length/mean"] for m in measured])),
+        "tokens_computed": float(np.mean([m["learner/tokens_computed"] for m in measured])),
         "overhead_s": round(mean["timing/step_s"] - compute, 3),
         "overhead_share": round((mean["timing/step_s"] - compute) / mean["timing/step_s"], 4),
     }
@@ -52,7 +58,9 @@ def compare(settings: list[str], argv: list[str]) -> dict:
     first = runs[settings[0]]
     return {"benchmark": "grpo_step", "compare": settings, "runs": runs,
             "update_s_over_first": {s: round(r["update_s"] / first["update_s"], 3) for s, r in runs.items()},
-            "step_s_over_first": {s: round(r["step_s"] / first["step_s"], 3) for s, r in runs.items()}}
+            "step_s_over_first": {s: round(r["step_s"] / first["step_s"], 3) for s, r in runs.items()},
+            "tokens_computed_over_first": {s: round(r["tokens_computed"] / first["tokens_computed"], 3)
+                                           for s, r in runs.items()}}
 
 
 if __name__ == "__main__":

@@ -453,6 +453,12 @@ def learner_parts(shape: ModelShape, learner: Any, stage: int, dtype_bytes: int,
         parts["activations"] = tokens * shape.layers * per_layer * b
     # logits [rows, kept, vocab]: the LM head's output in the training dtype, then fp32 copies (home_rl/learner/losses.py)
     parts["logits"] = rows * kept * shape.vocab * (4 * LOGIT_COPIES + (b if b < 4 else 0))
+    if getattr(learner, "shared_prefix", False) and run.rollout is not None and run.rollout.n > 1:
+        # Shared rows hold fewer tokens than separate ones (the prompt once), so the parts above bound them;
+        # what they add is the 4D attention mask [rows, 1, T, T], boolean, and sdpa's copy in the training dtype.
+        # (Rows of one sequence, as in SFT, run the plain causal pass: no mask.)
+        shared_rows, shared_length = shared_row_shape(learner, run)
+        parts["attention_mask"] = shared_rows * shared_length ** 2 * (1 + b)
     # loading (home_rl/learner/model_io.py): under ZeRO-3 a rank holds its partition and one layer at a time,
     # stages 0-2 the whole model once
     load = (shape.params / w + shape.largest_layer) * b if stage == 3 else shape.params * b
@@ -470,6 +476,20 @@ def micro_batch_shape(learner: Any, run: Run) -> tuple[int, int, int]:
     budget = int(getattr(learner, "max_tokens_per_micro_batch", 0) or 0)
     rows = max(1, budget // length) if budget > 0 else learner.micro_batch_size
     return rows, length, min(run.response_tokens, length)
+
+
+def shared_row_shape(learner: Any, run: Run) -> tuple[int, int]:
+    """(rows, tokens per row) of the largest shared-prefix micro-batch: rows of one prompt and as many of its
+    rollout.n responses as a micro-batch (or the token budget) holds."""
+    prompt = run.prompt_tokens
+    n = run.rollout.n if run.rollout is not None else 1
+    budget = int(getattr(learner, "max_tokens_per_micro_batch", 0) or 0)
+    if budget > 0:
+        per_row = max(1, min(n, (budget - prompt) // max(run.response_tokens, 1)))
+        length = prompt + per_row * run.response_tokens
+        return max(1, budget // length), length
+    per_row = max(1, min(n, learner.micro_batch_size))
+    return max(1, learner.micro_batch_size // per_row), prompt + per_row * run.response_tokens
 
 
 def rollout_parts(shape: ModelShape, rollout: Any, on_gpu: bool, gpu_gib: float, bf16: bool = True) -> dict[str, float]:
@@ -642,7 +662,10 @@ def length_problems(shape: ModelShape, run: Run) -> list[str]:
 def learner_advice(learner: Any, stage: int, on_gpu: bool, parts: dict[str, float]) -> str:
     """The knobs that shrink a learner's largest parts, biggest first."""
     knobs = []
-    by_token = parts["activations"] + parts["logits"]
+    mask = parts.get("attention_mask", 0.0)
+    if mask > 0.1 * sum(parts.values()):  # long shared rows: their mask grows with the square of the row
+        knobs.append("set learner.shared_prefix=false")
+    by_token = parts["activations"] + parts["logits"] + mask
     state = parts["weights"] + parts["gradients"] + parts["optimizer"]
     budget = int(getattr(learner, "max_tokens_per_micro_batch", 0) or 0)
     if budget:

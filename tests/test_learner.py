@@ -24,14 +24,18 @@ OPTIM = dict(lr=1e-2, warmup_steps=1, lr_schedule="cosine", min_lr_ratio=0.1, we
              micro_batch_size=3)
 
 
-def make_batch(n: int, seed: int, routes: bool = False) -> list[Sequence]:
+def make_batch(n: int, seed: int, routes: bool = False, prompts: int = 0) -> list[Sequence]:
+    """n random sequences; with `prompts`, sequence i has the prompt of sequence i % prompts (GRPO's groups)."""
     rng = random.Random(seed)
     batch = []
-    for _ in range(n):
+    for i in range(n):
         route = rng.choice(["think", "fast"]) if routes else None
         response = [rng.randrange(600) for _ in range(rng.randrange(2, 12))]
         mask = [float(rng.random() > 0.2) for _ in response]
-        batch.append(Sequence(prompt_ids=[rng.randrange(600) for _ in range(rng.randrange(2, 14))],
+        prompt = [rng.randrange(600) for _ in range(rng.randrange(2, 14))]
+        if prompts and i >= prompts:
+            prompt, route = batch[i % prompts].prompt_ids, batch[i % prompts].route
+        batch.append(Sequence(prompt_ids=prompt,
                               response_ids=response, loss_mask=mask, route=route,
                               router_label=None if route is None else ["fast", "think"].index(route)))
     return batch
@@ -97,10 +101,10 @@ def test_split_and_micro_batches_keep_every_sequence_once():
     assert sorted(i for s in shards for i in s) == list(range(11))
     chunks = micro_batches([batch[i] for i in shards[0]], micro_batch_size=2, count=4)
     assert len(chunks) == 4  # filled up with masked-out copies so that every rank runs the same passes
-    real = [i for idx, _ in chunks for i in idx]
+    real = [i for mb in chunks for i in mb.indices]
     assert sorted(real) == list(range(len(shards[0])))
-    fillers = [seqs for idx, seqs in chunks if not idx]
-    assert all(s.num_loss_tokens == 0 for seqs in fillers for s in seqs)
+    fillers = [mb.sequences for mb in chunks if not mb.indices]
+    assert fillers and all(s.num_loss_tokens == 0 for seqs in fillers for s in seqs)
     with pytest.raises(ValueError, match="cannot be split"):
         split_for_ranks(batch[:2], 3)
 
@@ -108,7 +112,7 @@ def test_split_and_micro_batches_keep_every_sequence_once():
 def test_token_budget_micro_batches_bound_padded_tokens():
     batch = make_batch(40, seed=5)
     for budget in (1, 30, 64, 200):
-        chunks = plan_micro_batches(batch, micro_batch_size=3, max_tokens=budget)
+        chunks = [[i for row in rows for i in row] for rows in plan_micro_batches(batch, 3, max_tokens=budget)]
         assert sorted(i for c in chunks for i in c) == list(range(40))
         for c in chunks:  # padded size within the budget, or one sequence that alone is longer
             longest = max(len(batch[i]) for i in c)
@@ -118,6 +122,7 @@ def test_token_budget_micro_batches_bound_padded_tokens():
                 assert (len(a) + len(b)) * max(len(batch[i]) for i in a + b) > budget
     assert plan_micro_batches(batch, 3) == plan_micro_batches(batch, 3, max_tokens=0)
     assert [len(c) for c in plan_micro_batches(batch, 3)] == [3] * 13 + [1]
+    assert all(len(row) == 1 for c in plan_micro_batches(batch, 3, shared=False) for row in c)
     with pytest.raises(ConfigError, match="max_tokens_per_micro_batch"):
         LearnerConfig(max_tokens_per_micro_batch=-1)
 
@@ -153,19 +158,28 @@ def test_shared_preset_is_everything_but_experts_and_router(home_dir):
 
 @pytest.fixture(scope="module")
 def reference_losses(dense_dir):
-    return torch_reference_losses(dense_dir, make_batch(11, seed=0), LearnerConfig(**OPTIM), STEPS)
+    return torch_reference_losses(dense_dir, make_batch(11, seed=0, prompts=4), LearnerConfig(**OPTIM), STEPS)
 
 
-# 2 learners pack by tokens: 44 padded tokens a micro-batch split the ranks' shards unlike OPTIM's 3 rows,
-# into 3 and 2 micro-batches (rows of lengths 8,9,12 | 12,17 | 24 and 10,12,14 | 18,20): rank 1 runs a filler.
-@pytest.mark.parametrize("num_learners,max_tokens", [(1, 0), (2, 44)], ids=["1-learner", "2-learners-token-budget"])
+# 11 sequences of 4 prompts (3 samples each, one with 2). Shared, the rows hold a prompt's samples
+# (at most OPTIM's 3 sequences, or 44 tokens beyond a row's first sequence); 2 learners split the prompts
+# so that rank 1 runs a filler micro-batch; unshared, every sequence is a row of its own.
+@pytest.mark.parametrize("num_learners,max_tokens,shared", [(1, 0, True), (2, 44, True), (2, 0, False)],
+                         ids=["1-learner", "2-learners-token-budget", "2-learners-unshared"])
 def test_learner_group_matches_single_process_torch(ray_local, dense_dir, reference_losses, num_learners, max_tokens,
-                                                     tmp_path):
-    batch = make_batch(11, seed=0)
-    cfg = LearnerConfig(num_learners=num_learners, max_tokens_per_micro_batch=max_tokens, **OPTIM)
+                                                     shared, tmp_path):
+    batch = make_batch(11, seed=0, prompts=4)
+    cfg = LearnerConfig(num_learners=num_learners, max_tokens_per_micro_batch=max_tokens, shared_prefix=shared,
+                        **OPTIM)
     group = LearnerGroup(cfg, dense_dir, dtype="float32", total_steps=STEPS + 2)
     try:
         steps = [group.train_step(batch) for _ in range(STEPS)]
+        computed, every = steps[0]["tokens_computed"], sum(len(s) for s in batch)
+        once = every - sum(len(s.prompt_ids) for s in batch[4:])  # each of the 4 prompts once
+        if not shared:
+            assert computed == every
+        else:  # a token budget may split a prompt's samples over two rows
+            assert computed == once if not max_tokens else once <= computed < every
         losses, norms = [m["loss"] for m in steps], [m["grad_norm"] for m in steps]
         assert losses == pytest.approx([loss for loss, _ in reference_losses], abs=1e-4), (losses, reference_losses)
         assert norms == pytest.approx([norm for _, norm in reference_losses], abs=1e-4), (norms, reference_losses)

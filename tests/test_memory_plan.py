@@ -184,3 +184,20 @@ def test_a_token_budget_sizes_the_micro_batch_and_is_the_knob_named():
     cfg = config_7b("learner.max_tokens_per_micro_batch=98304")
     with pytest.raises(ConfigError, match=r"lower learner.max_tokens_per_micro_batch \(now 98304\)"):
         memory_plan.check_memory(cfg, "grpo_think", HOME_7B, described_cluster(1, 8, 80, 1000))
+
+
+def test_shared_prefix_rows_add_their_attention_mask():
+    """7B config: prompts of 4096 tokens, 2048-token responses, n=8, micro-batches of 2 sequences."""
+    run = memory_plan.run_of(config_7b(), "grpo_think")
+    assert run.learner.shared_prefix
+    assert memory_plan.shared_row_shape(run.learner, run) == (1, 4096 + 2 * 2048)  # one prompt and 2 responses
+    wide = memory_plan.run_of(config_7b("learner.micro_batch_size=16"), "grpo_think")
+    assert memory_plan.shared_row_shape(wide.learner, wide) == (2, 4096 + 8 * 2048)  # 2 prompts and all 8 each
+    budget = memory_plan.run_of(config_7b("learner.max_tokens_per_micro_batch=20480"), "grpo_think")
+    assert memory_plan.shared_row_shape(budget.learner, budget) == (1, 4096 + 8 * 2048)
+    shape = memory_plan.model_shape(HOME_7B)
+    shared = memory_plan.learner_parts(shape, wide.learner, 3, 2, wide)
+    assert shared["attention_mask"] == pytest.approx(2 * (4096 + 8 * 2048) ** 2 * 3 / 2 ** 30)  # bool + bf16 copy
+    unshared = memory_plan.run_of(config_7b("learner.micro_batch_size=16", "learner.shared_prefix=false"), "grpo_think")
+    parts = memory_plan.learner_parts(shape, unshared.learner, 3, 2, unshared)
+    assert "attention_mask" not in parts and {k: v for k, v in shared.items() if k != "attention_mask"} == parts

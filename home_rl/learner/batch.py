@@ -2,13 +2,16 @@
 
 A `Sequence` is one prompt with one response, plus everything a loss needs per response token
 (`token_data`: advantages, old log-probs, ...) or per sequence (`seq_data`). Sequences travel to
-the learner actors as they are; each actor pads its own micro-batches. Padding is on the right,
-so position ids stay 0..n-1 for every model (Qwen2.5-VL's 3D rope included). Logits are computed
-only from the first response position of a micro-batch onwards (`logits_to_keep`).
+the learner actors as they are; each actor plans its own micro-batches (`micro_batches`) and pads
+them. A micro-batch is a list of rows: one sequence a row (`collate`), or with
+`learner.shared_prefix` the samples of one prompt in one row (`collate_shared`, below). Padding is
+on the right, so position ids stay 0..n-1 for every model (Qwen2.5-VL's 3D rope included).
+Logits are computed only from the first response position of a micro-batch onwards (`logits_to_keep`).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, Optional
 
 import torch
@@ -65,6 +68,12 @@ class MicroBatch:
     router_labels: torch.Tensor  # [B] long, -1 = no label
     mm_inputs: dict  # concatenated pixel_values / image_grid_thw, mm_token_type_ids [B, T]
     response_lengths: list[int]
+    tokens: int  # tokens the forward pass computes (padding aside)
+    # Shared-prefix rows only (collate_shared); the per-token tensors above are then per sequence, [S, K].
+    position_ids: Optional[torch.Tensor] = None  # [B, T] text positions: responses continue from the prompt
+    prompt_lengths: Optional[torch.Tensor] = None  # [B]
+    seq_rows: Optional[torch.Tensor] = None  # [S] the row of each sequence
+    seq_positions: Optional[torch.Tensor] = None  # [S, K] the kept logit position predicting each response token
 
     def router_inputs(self) -> dict[str, Any]:
         mm = {k: v for k, v in self.mm_inputs.items() if k != "mm_token_type_ids"}
@@ -72,10 +81,15 @@ class MicroBatch:
             mm["mm_token_type_ids"] = self.mm_inputs["router_mm_token_type_ids"]
         return {"input_ids": self.router_input_ids, "attention_mask": self.router_attention_mask, "use_cache": False, **mm}
 
+    def per_sequence_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-row values [B, ...] (e.g. router logits) as per-sequence ones [S, ...]: shared rows hold several."""
+        return values if self.seq_rows is None else values[self.seq_rows.to(values.device)]
+
     def model_inputs(self) -> dict[str, Any]:
         mm = {k: v for k, v in self.mm_inputs.items() if k != "router_mm_token_type_ids"}
+        extra = {} if self.position_ids is None else {"position_ids": self.position_ids}
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "logits_to_keep": self.keep,
-                "use_cache": False, **mm}
+                "use_cache": False, **extra, **mm}
 
     def to(self, device: torch.device) -> "MicroBatch":
         def move(x):
@@ -105,35 +119,121 @@ def collate(seqs: list[Sequence], pad_id: int) -> MicroBatch:
     B = len(seqs)
     input_ids = torch.full((B, total), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((B, total), dtype=torch.long)
-    targets = torch.zeros((B, keep), dtype=torch.long)
-    response_mask = torch.zeros((B, keep), dtype=torch.bool)
-    loss_mask = torch.zeros((B, keep), dtype=torch.float32)
-    names = sorted({k for s in seqs for k in s.token_data})
-    token_data = {k: torch.zeros((B, keep), dtype=torch.float32) for k in names}
+    per_token = _PerToken.empty(seqs, keep)
     has_types = any(s.mm_token_type_ids is not None for s in seqs)
     types = torch.zeros((B, total), dtype=torch.long) if has_types else None
     for i, s in enumerate(seqs):
         P, R = len(s.prompt_ids), len(s.response_ids)
         input_ids[i, :P + R] = torch.tensor(s.prompt_ids + s.response_ids, dtype=torch.long)
         attention_mask[i, :P + R] = 1
-        span = slice(P - 1 - first, P - 1 - first + R)
-        targets[i, span] = torch.tensor(s.response_ids, dtype=torch.long)
-        response_mask[i, span] = True
-        loss_mask[i, span] = torch.tensor(s.loss_mask if s.loss_mask is not None else [1.0] * R, dtype=torch.float32)
-        for k in names:
-            if k in s.token_data:
-                token_data[k][i, span] = torch.as_tensor(s.token_data[k], dtype=torch.float32)
+        per_token.fill(i, P - 1 - first, s)
         if types is not None and s.mm_token_type_ids is not None:
             types[i, :P] = torch.tensor(s.mm_token_type_ids, dtype=torch.long)
     seq_names = sorted({k for s in seqs for k in s.seq_data})
     seq_data = {k: torch.tensor([float(s.seq_data.get(k, 0.0)) for s in seqs]) for k in seq_names}
+    mm, router_input_ids, router_attention_mask = _prompt_inputs(seqs, types)
+    routes = [s.route for s in seqs]
+    return MicroBatch(
+        input_ids=input_ids, attention_mask=attention_mask, router_input_ids=router_input_ids,
+        router_attention_mask=router_attention_mask, keep=keep, **vars(per_token), seq_data=seq_data,
+        routes=None if all(r is None for r in routes) else routes,
+        router_labels=torch.tensor([-1 if s.router_label is None else s.router_label for s in seqs]),
+        mm_inputs=mm, response_lengths=[len(s.response_ids) for s in seqs], tokens=sum(lengths))
+
+
+# ----------------------------------------------------------------------------- shared prefixes
+#
+# With learner.shared_prefix the samples of one prompt form one row: the prompt once, then each
+# response. A response attends to the prompt and to its own earlier tokens only, and its positions
+# continue from the prompt's, so every response token sees exactly what it sees in its own
+# sequence: log-probs, losses and gradients are those of the unshared rows, the prompt's tokens
+# (and its images) are computed once instead of n times.
+
+
+def prefix_key(seq: Sequence, digests: Optional[dict] = None) -> tuple:
+    """Sequences with equal keys can share a row: the same prompt tokens, images, route and router prompt."""
+    images = None
+    if seq.mm_inputs:
+        pixels = seq.mm_inputs["pixel_values"]
+        cache = digests if digests is not None else {}
+        if id(pixels) not in cache:  # the samples of a prompt usually hold the very same tensors
+            h = hashlib.blake2b(digest_size=16)
+            for name in sorted(seq.mm_inputs):
+                t = seq.mm_inputs[name].detach().contiguous().cpu()
+                h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            cache[id(pixels)] = (h.hexdigest(), pixels)  # the tensor kept alive: its id stays unique
+        images = cache[id(pixels)][0]
+    return (seq.route, tuple(seq.prompt_ids), images, tuple(seq.mm_token_type_ids or ()),
+            tuple(seq.router_prompt_ids or ()))
+
+
+def row_length(seqs: list[Sequence], row: list[int]) -> int:
+    """Tokens of a packed row: its prompt once plus every response."""
+    return len(seqs[row[0]].prompt_ids) + sum(len(seqs[i].response_ids) for i in row)
+
+
+def plan_rows(seqs: list[Sequence], shared: bool, max_sequences: int = 0, max_tokens: int = 0) -> list[list[int]]:
+    """The rows of the forward passes, as indices into seqs: one sequence each, or (shared) the sequences
+    of one prompt, in order, a row holding at most `max_sequences` of them and, beyond its first,
+    no more than `max_tokens` tokens (0: no limit)."""
+    if not shared:
+        return [[i] for i in range(len(seqs))]
+    by_key: dict[tuple, list[int]] = {}
+    digests: dict = {}
+    for i, s in enumerate(seqs):
+        by_key.setdefault(prefix_key(s, digests), []).append(i)
+    rows: list[list[int]] = []
+    for members in by_key.values():
+        row: list[int] = []
+        for i in members:
+            full = max_sequences and len(row) >= max_sequences
+            if row and (full or (max_tokens and row_length(seqs, row + [i]) > max_tokens)):
+                rows.append(row)
+                row = []
+            row.append(i)
+        rows.append(row)
+    return rows
+
+
+@dataclasses.dataclass
+class _PerToken:
+    """A micro-batch's per-response-token tensors [rows, width], filled a sequence at a time."""
+    targets: torch.Tensor  # long: the token each position predicts
+    response_mask: torch.Tensor  # bool: the position predicts a response token
+    loss_mask: torch.Tensor  # float: ... and counts in the loss
+    token_data: dict  # name -> float
+
+    @classmethod
+    def empty(cls, seqs: list[Sequence], width: int) -> "_PerToken":
+        shape = (len(seqs), width)
+        names = sorted({k for s in seqs for k in s.token_data})
+        return cls(torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.bool),
+                   torch.zeros(shape, dtype=torch.float32), {k: torch.zeros(shape, dtype=torch.float32) for k in names})
+
+    def fill(self, row: int, start: int, s: Sequence) -> None:
+        """Sequence `s`'s response tokens at positions start.. of `row`."""
+        span = slice(start, start + len(s.response_ids))
+        self.targets[row, span] = torch.tensor(s.response_ids, dtype=torch.long)
+        self.response_mask[row, span] = True
+        self.loss_mask[row, span] = torch.tensor(s.loss_mask if s.loss_mask is not None else [1.0] * len(s.response_ids),
+                                                 dtype=torch.float32)
+        for name, values in s.token_data.items():
+            self.token_data[name][row, span] = torch.as_tensor(values, dtype=torch.float32)
+
+
+def _prompt_inputs(heads: list[Sequence], types: Optional[torch.Tensor]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """What each row's prompt brings, from the row's first sequence: its images (pixel_values and
+    image_grid_thw concatenated, images in row order), the image-token flags `types` [B, T], and the prompt
+    as the router sees it (input ids and attention mask, right-padded, with their own flags)."""
+    B = len(heads)
     mm: dict[str, Any] = {}
-    with_images = [s.mm_inputs for s in seqs if s.mm_inputs]
+    with_images = [s.mm_inputs for s in heads if s.mm_inputs]
     if with_images:
         mm = {k: torch.cat([m[k] for m in with_images]) for k in ("pixel_values", "image_grid_thw")}
     if types is not None:
         mm["mm_token_type_ids"] = types
-    router_prompts = [s.router_prompt_ids or s.prompt_ids for s in seqs]
+    router_prompts = [s.router_prompt_ids or s.prompt_ids for s in heads]
     router_len = max(len(p) for p in router_prompts)
     router_input_ids = torch.zeros((B, router_len), dtype=torch.long)
     router_attention_mask = torch.zeros((B, router_len), dtype=torch.long)
@@ -142,69 +242,155 @@ def collate(seqs: list[Sequence], pad_id: int) -> MicroBatch:
         router_attention_mask[i, :len(ids)] = 1
     if types is not None:
         router_types = torch.zeros((B, router_len), dtype=torch.long)
-        for i, s in enumerate(seqs):
+        for i, s in enumerate(heads):
             flags = s.router_mm_token_type_ids if s.router_prompt_ids else s.mm_token_type_ids
             if flags is not None:
                 router_types[i, :len(flags)] = torch.tensor(flags, dtype=torch.long)
         mm["router_mm_token_type_ids"] = router_types
-    routes = [s.route for s in seqs]
-    return MicroBatch(
-        input_ids=input_ids, attention_mask=attention_mask, router_input_ids=router_input_ids,
-        router_attention_mask=router_attention_mask, keep=keep, targets=targets,
-        response_mask=response_mask, loss_mask=loss_mask, token_data=token_data, seq_data=seq_data,
-        routes=None if all(r is None for r in routes) else routes,
-        router_labels=torch.tensor([-1 if s.router_label is None else s.router_label for s in seqs]),
-        mm_inputs=mm, response_lengths=[len(s.response_ids) for s in seqs])
+    return mm, router_input_ids, router_attention_mask
 
 
-def split_for_ranks(seqs: list[Sequence], world_size: int) -> list[list[int]]:
+def split_for_ranks(seqs: list[Sequence], world_size: int, shared: bool = False) -> list[list[int]]:
     """Indices of the sequences each data-parallel rank gets: similar token counts per rank.
 
-    Longest first, each to the rank with the fewest tokens so far (ties: the lower rank).
+    Units are sequences, or (shared) the sequences of one prompt, kept on one rank so they share it;
+    while there are fewer units than ranks, the largest is halved. Longest unit first, each to the
+    rank with the fewest tokens so far (ties: the lower rank).
     """
     if len(seqs) < world_size:
         raise ValueError(f"a batch of {len(seqs)} sequences cannot be split over {world_size} learners")
+    units = plan_rows(seqs, shared)
+    while len(units) < world_size:
+        units.sort(key=len)
+        big = units.pop()
+        units += [big[:len(big) // 2], big[len(big) // 2:]]
     loads = [0] * world_size
     shards: list[list[int]] = [[] for _ in range(world_size)]
-    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+    for unit in sorted(units, key=lambda u: -row_length(seqs, u)):
         rank = min(range(world_size), key=lambda r: (loads[r], len(shards[r])))
-        shards[rank].append(i)
-        loads[rank] += len(seqs[i])
+        shards[rank].extend(unit)
+        loads[rank] += row_length(seqs, unit)
     return [sorted(s) for s in shards]
 
 
-def plan_micro_batches(seqs: list[Sequence], micro_batch_size: int, max_tokens: int = 0) -> list[list[int]]:
-    """Indices of each micro-batch, shortest sequences first (sorting by length cuts padding).
+def plan_micro_batches(seqs: list[Sequence], micro_batch_size: int, max_tokens: int = 0,
+                       shared: bool = False) -> list[list[list[int]]]:
+    """The micro-batches, each a list of rows (indices into seqs), shortest rows first (sorting cuts padding).
 
-    `max_tokens` > 0 packs by tokens instead of by count: a micro-batch holds as many sequences as
-    fit in `max_tokens` once padded to its longest (rows x longest, what the forward pass allocates),
-    so memory is bounded by tokens whatever the lengths; a sequence longer than the budget runs alone.
+    A micro-batch holds at most `micro_batch_size` sequences. `max_tokens` > 0 packs by tokens instead:
+    as many rows as fit in `max_tokens` once padded to the longest (rows x longest, what the forward
+    pass allocates), so memory is bounded by tokens whatever the lengths; a row longer than the budget
+    runs alone. Shared rows count their prompt once.
     """
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    if max_tokens <= 0:
-        return [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
-    chunks: list[list[int]] = []
-    for i in order:  # ascending: the newest sequence is the longest, so the padded size is rows x its length
-        if chunks and (len(chunks[-1]) + 1) * len(seqs[i]) <= max_tokens:
-            chunks[-1].append(i)
+    if max_tokens > 0:
+        rows = plan_rows(seqs, shared, max_tokens=max_tokens)
+    else:
+        rows = plan_rows(seqs, shared, max_sequences=micro_batch_size)
+
+    def fits(chunk: list[list[int]], row: list[int]) -> bool:  # rows come shortest first: `row` is the longest
+        if max_tokens > 0:
+            return (len(chunk) + 1) * row_length(seqs, row) <= max_tokens
+        return sum(len(r) for r in chunk) + len(row) <= micro_batch_size
+
+    chunks: list[list[list[int]]] = []
+    for row in sorted(rows, key=lambda r: row_length(seqs, r)):
+        if chunks and fits(chunks[-1], row):
+            chunks[-1].append(row)
         else:
-            chunks.append([i])
+            chunks.append([row])
     return chunks
 
 
-def micro_batches(seqs: list[Sequence], micro_batch_size: int, count: int,
-                  max_tokens: int = 0) -> list[tuple[list[int], list[Sequence]]]:
-    """Exactly `count` micro-batches of (indices into seqs, sequences), as `plan_micro_batches` packs them.
+@dataclasses.dataclass
+class PlannedMicroBatch:
+    indices: list[int]  # into the shard, in the order of `sequences` (empty: a filler with nothing in the loss)
+    rows: list[list[Sequence]]  # the packed rows: one sequence each, or the sequences that share a prompt
+
+    @property
+    def sequences(self) -> list[Sequence]:
+        return [s for row in self.rows for s in row]
+
+
+def micro_batches(seqs: list[Sequence], micro_batch_size: int, count: int, max_tokens: int = 0,
+                  shared: bool = False) -> list[PlannedMicroBatch]:
+    """Exactly `count` micro-batches, as `plan_micro_batches` packs them.
 
     Under ZeRO-3 every rank must run the same number of forward/backward passes, so a rank with
     fewer sequences fills up with masked-out copies (nothing in the loss). Losses are normalised by
     the whole step's token and sequence counts, so how sequences are grouped changes no loss or gradient.
     """
-    chunks = plan_micro_batches(seqs, micro_batch_size, max_tokens)
+    chunks = plan_micro_batches(seqs, micro_batch_size, max_tokens, shared)
     if len(chunks) > count:
         raise ValueError(f"{len(seqs)} sequences need {len(chunks)} micro-batches, more than the {count} asked for")
-    out = [(idx, [seqs[i] for i in idx]) for idx in chunks]
+    out = [PlannedMicroBatch([i for row in rows for i in row], [[seqs[i] for i in row] for row in rows])
+           for rows in chunks]
     shortest = min(range(len(seqs)), key=lambda i: len(seqs[i]))
     while len(out) < count:
-        out.append(([], [seqs[shortest].masked_out()]))
+        out.append(PlannedMicroBatch([], [[seqs[shortest].masked_out()]]))
     return out
+
+
+def collate_shared(rows: list[list[Sequence]], pad_id: int) -> MicroBatch:
+    """Pack each row (sequences of one prompt) as prompt + response 1 + ... + response n, right-padded.
+
+    The attention mask is 4D ([B, 1, T, T], True = attends): a prompt token sees the prompt's earlier
+    tokens, a response token the whole prompt and its own response's earlier tokens. Position ids
+    continue from the prompt in every response. Per-token tensors are per sequence ([S, K], response
+    token k of sequence s predicted at kept logit `seq_positions[s, k]` of row `seq_rows[s]`).
+    """
+    seqs = [s for row in rows for s in row]
+    for row in rows:
+        if any(s.prompt_ids != row[0].prompt_ids for s in row):
+            raise ValueError("the sequences of a shared row must have the same prompt")
+    B, S = len(rows), len(seqs)
+    prompt_lengths = [len(row[0].prompt_ids) for row in rows]
+    lengths = [p + sum(len(s.response_ids) for s in row) for p, row in zip(prompt_lengths, rows)]
+    total = max(lengths)
+    first = min(prompt_lengths) - 1  # the earliest position that predicts a response token
+    keep = total - first
+    K = max(1, max(len(s.response_ids) for s in seqs))
+    input_ids = torch.full((B, total), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, total), dtype=torch.long)
+    segment = torch.full((B, total), -1, dtype=torch.long)  # 0 prompt, j + 1 response j of the row, -1 padding
+    seq_rows = torch.zeros(S, dtype=torch.long)
+    seq_positions = torch.zeros((S, K), dtype=torch.long)
+    per_token = _PerToken.empty(seqs, K)
+    has_types = any(s.mm_token_type_ids is not None for s in seqs)
+    types = torch.zeros((B, total), dtype=torch.long) if has_types else None
+    i = 0
+    for b, row in enumerate(rows):
+        P = prompt_lengths[b]
+        input_ids[b, :P] = torch.tensor(row[0].prompt_ids, dtype=torch.long)
+        position_ids[b, :P] = torch.arange(P)
+        segment[b, :P] = 0
+        if types is not None and row[0].mm_token_type_ids is not None:
+            types[b, :P] = torch.tensor(row[0].mm_token_type_ids, dtype=torch.long)
+        start = P
+        for j, s in enumerate(row):
+            R = len(s.response_ids)
+            input_ids[b, start:start + R] = torch.tensor(s.response_ids, dtype=torch.long)
+            position_ids[b, start:start + R] = torch.arange(P, P + R)
+            segment[b, start:start + R] = j + 1
+            # token 0 is predicted by the prompt's last position, token k > 0 by the response's token k - 1
+            predicted_at = torch.tensor([P - 1] + list(range(start, start + R - 1)), dtype=torch.long)[:R]
+            seq_rows[i] = b
+            seq_positions[i, :R] = predicted_at - first
+            per_token.fill(i, 0, s)
+            start += R
+            i += 1
+    causal = torch.ones((total, total), dtype=torch.bool).tril()
+    query, key = segment[:, :, None], segment[:, None, :]
+    # Padding queries see themselves (never an empty row: sdpa would give NaN); nothing sees padding keys.
+    attention_mask = (causal & ((key == 0) | (key == query)))[:, None]
+    seq_data = {k: torch.tensor([float(s.seq_data.get(k, 0.0)) for s in seqs]) for k in sorted(
+        {k for s in seqs for k in s.seq_data})}
+    mm, router_input_ids, router_attention_mask = _prompt_inputs([row[0] for row in rows], types)
+    routes = [row[0].route for row in rows]
+    return MicroBatch(
+        input_ids=input_ids, attention_mask=attention_mask, router_input_ids=router_input_ids,
+        router_attention_mask=router_attention_mask, keep=keep, **vars(per_token), seq_data=seq_data,
+        routes=None if all(r is None for r in routes) else routes,
+        router_labels=torch.tensor([-1 if s.router_label is None else s.router_label for s in seqs]),
+        mm_inputs=mm, response_lengths=[len(s.response_ids) for s in seqs], tokens=sum(lengths),
+        position_ids=position_ids, prompt_lengths=torch.tensor(prompt_lengths), seq_rows=seq_rows,
+        seq_positions=seq_positions)

@@ -27,6 +27,7 @@ class LearnerConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     micro_batch_size: int = 16  # sequences per forward/backward pass on one learner (16 measured fastest per token on CPU)
     max_tokens_per_micro_batch: int = 0  # >0: pack micro-batches by tokens instead (rows x longest row at most this; a longer sequence runs alone), replacing micro_batch_size
+    shared_prefix: bool = True  # the samples of a prompt share one row: the prompt (and its images) computed once, not n times (false: a row per sequence)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, about 30% more compute
     frozen_copies: List[str] = dataclasses.field(default_factory=list)  # frozen expert copies added before training, as NAME=EXPERT (e.g. ref=think for a KL reference); left out of saved checkpoints
     device: str = "auto"  # auto (GPUs when the Ray cluster has one per learner, else CPU) | cpu | cuda

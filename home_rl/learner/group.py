@@ -25,7 +25,7 @@ import torch
 from home_rl.config import to_dict
 from home_rl.console import actor_env, phase_done
 from home_rl.errors import ray_get
-from home_rl.learner.batch import Sequence, plan_micro_batches, split_for_ranks
+from home_rl.learner.batch import Sequence, plan_micro_batches, row_length, split_for_ranks
 from home_rl.learner.config import LearnerConfig
 from home_rl.learner.worker import LearnerWorker
 
@@ -43,6 +43,9 @@ class LearnerGroup:
             cfg = dataclasses.replace(cfg, zero_stage=3)  # without one (tests, benchmarks) keeps ZeRO-3
         self.cfg = cfg
         self.world_size = cfg.num_learners
+        # Tokens through the model's forward passes so far (fillers aside), every call and rank together:
+        # with shared prefixes a prompt counts once per row, without once per sequence.
+        self.tokens_computed = 0
         if placement is not None:
             options = [placement.learner_options(i) for i in range(self.world_size)]
         else:
@@ -69,9 +72,14 @@ class LearnerGroup:
         return ray_get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
 
     def _shards(self, batch: list[Sequence]) -> tuple[list[list[int]], int]:
-        shards = split_for_ranks(batch, self.world_size)
-        num_micro = max(len(plan_micro_batches([batch[i] for i in s], self.cfg.micro_batch_size,
-                                               self.cfg.max_tokens_per_micro_batch)) for s in shards)
+        cfg = self.cfg
+        shards = split_for_ranks(batch, self.world_size, cfg.shared_prefix)
+        num_micro = 0
+        for shard in shards:
+            seqs = [batch[i] for i in shard]
+            plan = plan_micro_batches(seqs, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, cfg.shared_prefix)
+            num_micro = max(num_micro, len(plan))
+            self.tokens_computed += sum(row_length(seqs, row) for rows in plan for row in rows)
         return shards, num_micro
 
     def train_step(self, batch: list[Sequence], loss: Any = "sft", router_loss_weight: float = 0.0,
@@ -82,6 +90,7 @@ class LearnerGroup:
         tokens, tokens_per_s, step_s, ...; with router labels also router_loss and router_acc.
         """
         start = time.perf_counter()
+        before = self.tokens_computed
         shards, num_micro = self._shards(batch)
         totals = {"tokens": sum(s.num_loss_tokens for s in batch), "sequences": len(batch),
                   "labelled": sum(s.router_label is not None for s in batch)}
@@ -95,8 +104,8 @@ class LearnerGroup:
         metrics["compute_s"] = max(r["compute_s"] for r in results)
         elapsed = time.perf_counter() - start
         tokens = sum(len(s) for s in batch)
-        metrics.update(step_s=elapsed, tokens=tokens, loss_tokens=totals["tokens"], tokens_per_s=tokens / elapsed,
-                       sequences=len(batch))
+        metrics.update(step_s=elapsed, tokens=tokens, tokens_computed=self.tokens_computed - before,
+                       loss_tokens=totals["tokens"], tokens_per_s=tokens / elapsed, sequences=len(batch))
         if totals["labelled"] and "router_correct" in metrics:
             metrics["router_acc"] = metrics.pop("router_correct") / totals["labelled"]
         return metrics

@@ -19,9 +19,10 @@ from typing import Any, Optional
 import torch
 
 from home_rl.console import capture_output
-from home_rl.learner.batch import Sequence, collate, micro_batches
+from home_rl.learner import forward
+from home_rl.learner.batch import MicroBatch, PlannedMicroBatch, Sequence, collate, collate_shared, micro_batches
 from home_rl.learner.config import LearnerConfig, frozen_copy_map, trainable_patterns
-from home_rl.learner.losses import LossInputs, resolve_loss, router_ce, token_log_probs
+from home_rl.learner.losses import LossInputs, resolve_loss, router_ce
 from home_rl.learner.optim import WarmupSchedule, param_groups, select_trainable
 from home_rl.resources import bf16_supported
 
@@ -147,20 +148,19 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ compute
 
-    def _micro_batches(self, shard: list[Sequence], num_micro: int) -> list[tuple[list[int], list[Sequence]]]:
-        return micro_batches(shard, self.cfg.micro_batch_size, num_micro, self.cfg.max_tokens_per_micro_batch)
+    def _micro_batches(self, shard: list[Sequence], num_micro: int) -> list[PlannedMicroBatch]:
+        return micro_batches(shard, self.cfg.micro_batch_size, num_micro, self.cfg.max_tokens_per_micro_batch,
+                             self.cfg.shared_prefix)
 
-    def _logits(self, mb) -> torch.Tensor:
-        """Logits [B, keep, vocab] of a micro-batch; a HOME model runs each row on its route (default think)."""
-        inputs = mb.model_inputs()
-        if self.is_home:
-            if mb.routes is not None and any(r is None for r in mb.routes):
-                raise ValueError("every sequence of a HOME model's batch needs a route, or none does")
-            inputs["route"] = mb.routes if mb.routes is not None else "think"
-        return self.engine(**inputs).logits
+    def _collate(self, planned: PlannedMicroBatch) -> MicroBatch:
+        """One micro-batch on this learner's device: shared-prefix rows, or one sequence a row (also when no
+        row holds more than one: the plain causal pass is the same computation, without a 4D mask)."""
+        if any(len(row) > 1 for row in planned.rows):
+            return collate_shared(planned.rows, pad_id=0).to(self.device)
+        return collate(planned.sequences, pad_id=0).to(self.device)
 
-    def _forward(self, mb, with_entropy: bool, temperature: float, entropy_grad: bool = True):
-        return token_log_probs(self._logits(mb), mb.targets, with_entropy, temperature, entropy_grad)
+    def _forward(self, mb: MicroBatch, with_entropy: bool, temperature: float, entropy_grad: bool = True):
+        return forward.log_probs(self.engine, self.module, mb, self.is_home, with_entropy, temperature, entropy_grad)
 
     def train_step(self, shard: list[Sequence], num_micro: int, totals: dict, loss: Any = "sft",
                    router_loss_weight: float = 0.0, temperature: float = 1.0) -> dict:
@@ -176,15 +176,15 @@ class LearnerWorker:
         lr = self.engine.get_lr()[0]
         sums: dict[str, float] = collections.defaultdict(float)
         start = time.perf_counter()
-        for _, seqs in self._micro_batches(shard, num_micro):
-            mb = collate(seqs, pad_id=0).to(self.device)
+        for planned in self._micro_batches(shard, num_micro):
+            mb = self._collate(planned)
             log_probs, entropy = self._forward(mb, spec.needs_entropy, temperature, spec.entropy_grad)
             inputs = LossInputs(log_probs=log_probs, entropy=entropy, loss_mask=mb.loss_mask, token_data=mb.token_data,
                                 seq_data=mb.seq_data, global_tokens=totals["tokens"],
                                 global_sequences=totals["sequences"], world_size=self.world_size)
             share, metrics = spec.fn(inputs)
             if router_loss_weight:
-                logits = self.module.route_logits(**mb.router_inputs())
+                logits = mb.per_sequence_rows(self.module.route_logits(**mb.router_inputs()))
                 router_share, router_metrics = router_ce(logits, mb.router_labels.to(logits.device), totals["labelled"])
                 share = share + router_loss_weight * router_share
                 metrics = {**metrics, **router_metrics}
@@ -205,12 +205,12 @@ class LearnerWorker:
         """Per sequence of the shard (in order): log-probs of its response tokens, and their entropies."""
         self.engine.eval()
         out: list = [None] * len(shard)
-        for indices, seqs in self._micro_batches(shard, num_micro):
-            mb = collate(seqs, pad_id=0).to(self.device)
+        for planned in self._micro_batches(shard, num_micro):
+            mb = self._collate(planned)
             log_probs, entropy = self._forward(mb, with_entropy, temperature)
             lp = mb.per_sequence(log_probs)
-            ent = mb.per_sequence(entropy) if with_entropy else [None] * len(seqs)
-            for i, idx in enumerate(indices):
+            ent = mb.per_sequence(entropy) if with_entropy else [None] * len(lp)
+            for i, idx in enumerate(planned.indices):
                 out[idx] = (lp[i].cpu(), None if ent[i] is None else ent[i].cpu())
         return out
 
@@ -219,12 +219,11 @@ class LearnerWorker:
         """Per sequence: the logits [response tokens, vocab] that predict its response (for checks)."""
         self.engine.eval()
         out: list = [None] * len(shard)
-        for indices, seqs in self._micro_batches(shard, num_micro):
-            mb = collate(seqs, pad_id=0).to(self.device)
-            logits = self._logits(mb).float()
-            for i, idx in enumerate(indices):
-                positions = mb.response_mask[i].nonzero().squeeze(1)
-                out[idx] = logits[i, positions].cpu()
+        for planned in self._micro_batches(shard, num_micro):
+            mb = self._collate(planned)
+            logits = self.engine(**forward.model_inputs(self.module, mb, self.is_home)).logits.float()
+            for idx, values in zip(planned.indices, forward.sequence_logits(logits, mb)):
+                out[idx] = values.cpu()
         return out
 
     # ------------------------------------------------------------------ weights

@@ -103,7 +103,12 @@ class RolloutWorker:
         self.asleep = False
         self.start_s = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
-        self.image_token_id = _image_token_id(self.llm.llm_engine.model_config.hf_config) if multimodal else None
+        hf_config = self.llm.llm_engine.model_config.hf_config
+        self.image_token_id = _image_token_id(hf_config) if multimodal else None
+        # A sampled image or video placeholder would be taken for a picture with no pixels by the learner's forward
+        # ("image features and image tokens do not match"): a VL model never generates one.
+        self.placeholder_bias = {int(getattr(hf_config, key)): -100.0 for key in ("image_token_id", "video_token_id")
+                                 if multimodal and getattr(hf_config, key, None) is not None}
         self._in_update = False
         self._held: list[tuple[str, torch.Tensor]] = []  # fused parts waiting for their siblings
         self.packed_modules = self.llm.collective_rpc("home_rl_packed_modules")[0]
@@ -133,6 +138,7 @@ class RolloutWorker:
             include_stop_str_in_output=True,  # the text ends with "</answer>", as the tokens do
             logprobs=0,  # the sampled token's log-prob only
             flat_logprobs=True,  # a few lists per sample instead of a dict per token
+            logit_bias=self.placeholder_bias or None,
         )
 
     def generate(self, prompts: Sequence[Any], n: Optional[int] = None, sampling: Optional[dict] = None,

@@ -154,6 +154,7 @@ class GRPOThinkTrainer:
         advantages = group_advantages([r for g in step.trained for r in g.rewards], group_ids, alg.norm_adv_by_std)
         seqs = training_sequences(step.trained, advantages, rollout_log_probs=not alg.recompute_old_log_probs)
         self.rollout.sleep()  # colocated on CUDA: the learners get the engines' GPU memory (else a no-op)
+        computed = self.learner.tokens_computed
         with timer("old_log_prob"):
             if alg.recompute_old_log_probs and not on_policy(alg):
                 for seq, lp in zip(seqs, self.learner.log_probs(seqs)):
@@ -165,6 +166,8 @@ class GRPOThinkTrainer:
                     seq.token_data["ref_log_probs"] = lp.tolist()
         with timer("update"):
             metrics.update(self.update(seqs))
+        # every learner pass of the step (old and reference log-probs, update): what shared prefixes cut
+        metrics["learner/tokens_computed"] = self.learner.tokens_computed - computed
         with timer("weight_sync"):
             self.rollout.wake_up()
             sync = self.rollout.update_weights(self.think_weights(), version=self.step + 1)
