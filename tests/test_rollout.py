@@ -322,14 +322,15 @@ def test_missing_image_names_the_row(vl_pool, vl):
 
 
 def test_qwen2_5_vl_never_samples_an_image_placeholder(vl_pool, vl):
-    """A sampled <|image_pad|> would be an image without pixels in the learner's forward pass. At temperature 5 the
-    tiny model samples nearly uniformly from 640 tokens: 2048 sampled tokens would hold about 6 placeholders."""
+    """A sampled <|image_pad|> would be an image without pixels in the learner's forward pass. The tiny random model
+    samples one now and then (a 2048-token GRPO step of it did, before placeholders were barred): here 4096 tokens
+    at vLLM's highest temperature."""
     from PIL import Image
 
     processor = transformers.AutoProcessor.from_pretrained(vl)
     placeholders = {processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")}
     batch = [{"prompt": vl_prompt(processor, f"what colour is it? {k}"), "row_id": f"img{k}",
               "multi_modal_data": {"image": [Image.new("RGB", (64, 64), "red")]}} for k in range(4)]
-    result = vl_pool.generate(batch, n=32, sampling={"temperature": 5.0, "stop": []})
+    result = vl_pool.generate(batch, n=64, sampling={"temperature": 2.0, "stop": []})
     sampled = [t for group in result.samples for s in group for t in s.response_ids]
-    assert len(sampled) > 1500 and not placeholders & set(sampled)
+    assert len(sampled) > 3000 and not placeholders & set(sampled)
