@@ -107,8 +107,8 @@ class RolloutWorker:
         self.image_token_id = _image_token_id(hf_config) if multimodal else None
         # A sampled image or video placeholder would be taken for a picture with no pixels by the learner's forward
         # ("image features and image tokens do not match"): a VL model never generates one.
-        self.placeholder_bias = {int(getattr(hf_config, key)): -100.0 for key in ("image_token_id", "video_token_id")
-                                 if multimodal and getattr(hf_config, key, None) is not None}
+        video_token_id = getattr(hf_config, "video_token_id", None) if multimodal else None
+        self.placeholder_bias = {int(t): -100.0 for t in (self.image_token_id, video_token_id) if t is not None}
         self._in_update = False
         self._held: list[tuple[str, torch.Tensor]] = []  # fused parts waiting for their siblings
         self.packed_modules = self.llm.collective_rpc("home_rl_packed_modules")[0]
