@@ -27,7 +27,8 @@ from home_rl.trainer.grpo_think import GRPOThinkConfig, GRPOThinkTrainer
 COMPUTE = ("timing/rollout_s", "timing/reward_s", "timing/old_log_prob_s", "timing/reference_s", "timing/update_s")
 
 
-def main(argv: list[str]) -> dict:
+def measured_steps(argv: list[str]) -> tuple[GRPOThinkConfig, list[dict]]:
+    """The run's config and the metrics of its steps after the first (engine warm-up): no checkpoints, no resume."""
     cfg = load_config(GRPOThinkConfig, ["trainer.total_steps=4", "trainer.save_every=0", "trainer.resume=never",
                                         f"output_dir={tempfile.mkdtemp(prefix='grpo_bench_')}", *argv])
     trainer = GRPOThinkTrainer(cfg)
@@ -37,7 +38,11 @@ def main(argv: list[str]) -> dict:
             steps.append(trainer.train_step())
     finally:
         trainer.shutdown()
-    measured = steps[1:] or steps
+    return cfg, steps[1:] or steps
+
+
+def main(argv: list[str]) -> dict:
+    cfg, measured = measured_steps(argv)
     mean = {key: float(np.mean([m[key] for m in measured])) for key in (*COMPUTE, "timing/weight_sync_s", "timing/step_s")}
     compute = sum(mean[k] for k in COMPUTE)
     return {
@@ -48,6 +53,7 @@ def main(argv: list[str]) -> dict:
         **{k.replace("timing/", ""): round(v, 3) for k, v in mean.items()},
         "response_length_mean": float(np.mean([m["response_length/mean"] for m in measured])),
         "tokens_computed": float(np.mean([m["learner/tokens_computed"] for m in measured])),
+        "positions_computed": float(np.mean([m["learner/positions_computed"] for m in measured])),
         "overhead_s": round(mean["timing/step_s"] - compute, 3),
         "overhead_share": round((mean["timing/step_s"] - compute) / mean["timing/step_s"], 4),
     }

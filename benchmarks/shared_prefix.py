@@ -44,6 +44,7 @@ def ratios(result: dict) -> dict:
             "update_speedup": round(unshared["update_s"] / shared["update_s"], 3),
             "tokens_computed_unshared": unshared["tokens_computed"], "tokens_computed_shared": shared["tokens_computed"],
             "tokens_computed_ratio": round(unshared["tokens_computed"] / shared["tokens_computed"], 3),
+            "positions_computed_ratio": round(unshared["positions_computed"] / shared["positions_computed"], 3),
             "step_s_unshared": unshared["step_s"], "step_s_shared": shared["step_s"]}
 
 

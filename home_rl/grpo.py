@@ -14,9 +14,12 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 
+from home_rl.errors import ConfigError
+
 POLICY_LOSSES = ("vanilla", "gspo", "clip_cov", "kl_cov", "geo_mean", "gpg", "cispo", "sapo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("low_var_kl", "k1", "k2", "k3", "abs", "mse")
+ROLLOUT_IS = ("auto", "token", "sequence", "none")
 
 
 @dataclasses.dataclass
@@ -35,9 +38,15 @@ class GRPOConfig:
     recompute_old_log_probs: bool = True  # old log-probs from the learner (exact; with 1 epoch and 1 mini-batch no pass is needed: old = current, detached); false uses the rollout engine's
     filter_zero_variance: bool = False  # DAPO-style: drop prompt groups whose rewards are all equal, regenerate to refill
     max_regenerations: int = 2  # extra rollout rounds per step to refill the batch after filtering
+    rollout_is: str = "auto"  # importance weight old policy / behaviour (the rollout engine's log-probs), verl's TIS: token | sequence | none | auto (token when trainer.max_staleness > 0, else none)
+    rollout_is_threshold: float = 2.0  # truncation of that weight (TIS: weights above it count as it)
 
     CHOICES: ClassVar[dict] = {"policy_loss": POLICY_LOSSES, "loss_agg_mode": LOSS_AGG_MODES,
-                               "kl_estimator": KL_ESTIMATORS}
+                               "kl_estimator": KL_ESTIMATORS, "rollout_is": ROLLOUT_IS}
+
+    def __post_init__(self):
+        if self.rollout_is_threshold <= 0:
+            raise ConfigError(f"algorithm.rollout_is_threshold must be > 0, got {self.rollout_is_threshold}")
 
 
 def group_advantages(rewards: Sequence[float], group_ids: Sequence[int], norm_by_std: bool = True,
@@ -87,19 +96,23 @@ class GRPOLoss:
         # On-policy (one epoch, one mini-batch) the old policy is the current one: no extra forward pass.
         old = x.token_data["old_log_probs"].to(x.log_probs.dtype) if "old_log_probs" in x.token_data \
             else x.log_probs.detach()
-        pg_loss, pg_metrics = get_policy_loss_fn(cfg.policy_loss)(
-            old_log_prob=old, log_prob=x.log_probs, advantages=advantages, response_mask=mask,
-            loss_agg_mode=cfg.loss_agg_mode, config=policy_config, rollout_is_weights=None)
-        loss = pg_loss
 
         def mean_share(values: torch.Tensor) -> float:  # this micro-batch's part of the step's token mean
             return float((values * mask).sum() / max(x.global_tokens, 1.0))
+
+        is_weights, is_metrics = None, {}
+        if cfg.rollout_is in ("token", "sequence"):
+            is_weights, is_metrics = self.rollout_correction(old, x.token_data["rollout_log_probs"], mask, mean_share)
+        pg_loss, pg_metrics = get_policy_loss_fn(cfg.policy_loss)(
+            old_log_prob=old, log_prob=x.log_probs, advantages=advantages, response_mask=mask,
+            loss_agg_mode=cfg.loss_agg_mode, config=policy_config, rollout_is_weights=is_weights)
+        loss = pg_loss
 
         # verl's clip fractions are micro-batch means: weight them by the micro-batch's token share
         weight = float(mask.sum()) / max(x.global_tokens, 1.0)
         metrics = {"pg_loss": float(pg_loss.detach()),
                    "clip_frac": pg_metrics.get("actor/pg_clipfrac", 0.0) * weight,
-                   "ppo_kl": pg_metrics.get("actor/ppo_kl", 0.0) * weight}
+                   "ppo_kl": pg_metrics.get("actor/ppo_kl", 0.0) * weight, **is_metrics}
         if cfg.kl_coef > 0:
             kl = kl_penalty(x.log_probs, x.token_data["ref_log_probs"].to(x.log_probs.dtype), cfg.kl_estimator)
             kl_loss = agg_loss(kl, mask, cfg.loss_agg_mode, **counts)
@@ -110,3 +123,19 @@ class GRPOLoss:
                 loss = loss - cfg.entropy_coef * agg_loss(x.entropy, mask, cfg.loss_agg_mode, **counts)
             metrics["entropy"] = mean_share(x.entropy.detach())
         return loss, metrics
+
+    def rollout_correction(self, old: torch.Tensor, behaviour: torch.Tensor, mask: torch.Tensor,
+                           mean_share) -> tuple[torch.Tensor, dict]:
+        """verl's truncated importance weights old policy / behaviour policy (the engine that sampled), and
+        their step-level metrics: mean and truncated share as token-mean shares, max as a max."""
+        from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+        log_ratio = (old - behaviour.to(old.dtype)).detach()
+        weights, _ = compute_rollout_correction_weights(log_ratio, mask, rollout_is=self.cfg.rollout_is,
+                                                        rollout_is_threshold=self.cfg.rollout_is_threshold)
+        raw = torch.exp(log_ratio.clamp(-20, 20)) if self.cfg.rollout_is == "token" else \
+            torch.exp((log_ratio * mask).sum(-1, keepdim=True).clamp(-20, 20)).expand_as(log_ratio)
+        kept = mask > 0
+        return weights, {"is_weight_mean": mean_share(weights), "is_truncated_frac": mean_share(
+            (raw > self.cfg.rollout_is_threshold).float()),
+            "is_weight_max": float(raw[kept].max()) if kept.any() else 0.0}  # before truncation

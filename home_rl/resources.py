@@ -25,11 +25,31 @@ class Resources:
     gpus: float = 0.0  # GPUs each actor asks for (learners: 0 lets learner.device decide, one each on GPU clusters; rollout workers: their tensor_parallel_size)
     threads: int = 0  # torch / OpenMP threads per actor (0: the group's default: its CPUs, or for rollout workers the machine's cores shared among them)
     node_resource: str = ""  # custom Ray resource marking the nodes this group may use (e.g. rollout); "": any node
+    cores: str = ""  # CPU cores each actor's process is pinned to (e.g. "0", "2-3,6"), dedicating them as a GPU is dedicated; "": wherever the OS schedules it
 
     def __post_init__(self):
         if self.cpus < 0 or self.gpus < 0 or self.threads < 0:
             raise ConfigError(f"resources.cpus, .gpus and .threads must be >= 0, got {self.cpus}, {self.gpus}, "
                               f"{self.threads}")
+        if self.cores:
+            self.core_ids()  # raises on a bad list
+
+    def core_ids(self) -> list[int]:
+        """`cores` as a list of core ids ("0,2-3" -> [0, 2, 3])."""
+        ids = []
+        for part in self.cores.split(","):
+            lo, _, hi = part.strip().partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()) or (hi and int(hi) < int(lo)):
+                raise ConfigError(f"resources.cores must list core ids like '0' or '2-3,6', got {self.cores!r}")
+            ids += list(range(int(lo), int(hi or lo) + 1))
+        return ids
+
+    def pin(self) -> None:
+        """Pin this process (and the threads it starts from now on) to `cores`; a no-op when empty."""
+        if self.cores:
+            import os
+
+            os.sched_setaffinity(0, self.core_ids())
 
     def label(self) -> dict[str, float]:
         return {self.node_resource: LABEL_SHARE} if self.node_resource else {}
@@ -44,8 +64,9 @@ class Resources:
         return {"num_cpus": self.cpus, "num_gpus": self.gpus if gpus is None else gpus, "resources": self.label()}
 
     def num_threads(self, default: int = 0) -> int:
-        """Threads to use: `threads`, else `default`, else the actor's whole CPUs (at least 1)."""
-        return self.threads or default or max(1, int(self.cpus))
+        """Threads to use: `threads`, else one per pinned core, else `default`, else the actor's whole CPUs
+        (at least 1)."""
+        return self.threads or (len(self.core_ids()) if self.cores else 0) or default or max(1, int(self.cpus))
 
 
 def resources_field(**defaults: Any) -> Any:

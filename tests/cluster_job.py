@@ -4,7 +4,8 @@ resources) running the GRPO job on a tiny HOME model; prints one JSON object for
     python tests/cluster_job.py HOME_DIR OUT_DIR
 
 Steps 1-2 run with one rollout worker (a checkpoint after step 1); the job is then resumed from
-it with two rollout workers and 3 steps, and during the first resumed step one of them is SIGKILLed. Run as its own process: it owns its Ray
+it with two rollout workers, 3 steps and trainer.max_staleness=1, and during the first resumed step one
+of them is SIGKILLed. Run as its own process: it owns its Ray
 runtime, apart from the test session's.
 """
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main(home: str, out: str) -> None:
 
         cfg = tiny_config(Path(home), Path(out), steps=3, trainer__resume="auto", **labels)
         cfg.rollout.num_workers = 2
+        cfg.trainer.max_staleness = 1  # resumed asynchronous: the worker is lost on the rollout thread
         trainer = GRPOThinkTrainer(cfg)
         try:
             report["resumed_at"] = trainer.step

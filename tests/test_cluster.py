@@ -138,6 +138,8 @@ def test_job_on_labelled_nodes_survives_a_lost_worker_and_a_new_worker_count(tin
     metrics = report["metrics"]
     assert [m["step"] for m in metrics] == [1, 2, 3]  # step 2 again after the resume, then 3
     assert [m["rollout/worker_restarts"] for m in metrics] == [0, 1, 0]
+    # resumed asynchronous from a synchronous checkpoint: step 2 on version 1's rollouts, step 3 on them too
+    assert [m["async/staleness_max"] for m in metrics] == [0, 0, 1]
     assert report["victim"] not in report["rollout_pids"]
 
 

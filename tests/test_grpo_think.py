@@ -121,7 +121,7 @@ def test_each_step_logs_metrics_that_agree_with_its_rollouts(run):
         assert m["throughput/tokens_per_s"] * m["timing/step_s"] > generated  # prompt tokens count too
         phases = ("rollout_s", "reward_s", "old_log_prob_s", "reference_s", "update_s", "weight_sync_s")
         assert all(m[f"timing/{p}"] >= 0 for p in phases)
-        assert m["timing/step_s"] >= sum(m[f"timing/{p}"] for p in phases)  # the phases are disjoint parts of it
+        assert m["timing/step_s"] >= sum(m[f"timing/{p}"] for p in phases), {k: v for k, v in m.items() if "timing" in k or k == "step"}  # the phases are disjoint parts of it
 
         # one epoch of one mini-batch: the old policy is the current one, so the PPO ratio is exactly 1
         assert m["actor/clip_frac"] == 0 and m["actor/ppo_kl"] == 0
@@ -183,6 +183,68 @@ def test_a_resumed_run_repeats_the_uninterrupted_steps_exactly(run, tmp_path):
         assert rollout_ids(out, step) == rollout_ids(run.out, step), step
         for key in ("reward/mean", "response_length/mean"):
             assert resumed[step - 1][key] == pytest.approx(run.metrics[step - 1][key], abs=1e-6), (step, key)
+
+
+def test_synchronous_steps_train_on_fresh_rollouts_and_log_each_side_s_idle_time(run):
+    for m in run.metrics:
+        assert m["async/staleness_max"] == m["async/staleness_mean"] == 0
+        assert not any(k.startswith("async/is_") for k in m)  # no correction: the old policy made them
+        # the learners wait for the rollout, the engines for the update (and the weight gather)
+        assert m["timing/learner_idle_s"] >= m["timing/rollout_s"] + m["timing/reward_s"] - 0.05
+        assert m["timing/rollout_idle_s"] >= m["timing/update_s"] - 0.05
+
+
+# ----------------------------------------------------------------------------- asynchronous GRPO
+
+
+@pytest.fixture(scope="module")
+def async_run(tiny_home, ray_local, tmp_path_factory):
+    """4 steps with trainer.max_staleness=1 and a checkpoint after step 2 (its next rollouts made ahead)."""
+    home = tiny_home("qwen2")
+    out = tmp_path_factory.mktemp("grpo_async") / "run"
+    cfg = tiny_config(home, out, steps=4, trainer__max_staleness=1, trainer__save_every=2)
+    train(cfg)
+    return SimpleNamespace(home=home, out=out, cfg=cfg, metrics=read_metrics(out))
+
+
+def test_asynchronous_steps_train_on_rollouts_one_version_old_weighed_by_tis(async_run):
+    metrics = async_run.metrics
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    # step j (from 1) trains weights version j - 1 on rollouts of version max(0, j - 2)
+    assert [{s["weights_version"] for s in read_rollouts(async_run.out, m["step"])} for m in metrics] == \
+        [{0}, {0}, {1}, {2}]
+    assert [m["async/staleness_max"] for m in metrics] == [0, 1, 1, 1]
+    threshold = async_run.cfg.algorithm.rollout_is_threshold
+    assert async_run.cfg.algorithm.rollout_is == "token"  # auto with max_staleness > 0
+    for m in metrics:
+        assert 0 < m["async/is_weight_mean"] <= threshold and m["async/is_weight_max"] > 0
+        assert 0 <= m["async/is_truncated_frac"] <= 1
+        assert m["timing/learner_idle_s"] >= 0 and m["timing/rollout_idle_s"] >= 0
+    # a version behind, the behaviour policy differs from the old one: weights move away from 1
+    assert any(abs(m["async/is_weight_max"] - 1) > 1e-3 for m in metrics[1:])
+    assert (async_run.out / "checkpoints" / "step_00000002" / "pending_rollouts.pkl").is_file()
+
+
+def test_an_asynchronous_run_resumed_with_rollouts_in_flight_repeats_the_uninterrupted_steps(async_run, tmp_path):
+    # as if killed right after the step-2 checkpoint, which holds step 3's rollouts (made by version 1)
+    out = tmp_path / "run"
+    shutil.copytree(async_run.out, out)
+    train(tiny_config(async_run.home, out, steps=4, trainer__max_staleness=1, trainer__save_every=2,
+                      trainer__resume="auto"))
+    resumed = read_metrics(out)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert rollout_ids(out, step) == rollout_ids(async_run.out, step), step
+        for key in ("reward/mean", "response_length/mean", "async/staleness_max"):
+            assert resumed[step - 1][key] == pytest.approx(async_run.metrics[step - 1][key], abs=1e-6), (step, key)
+
+
+def test_asynchronous_mode_refuses_colocated_placement(tiny_home, tmp_path):
+    from home_rl.config import load_config
+    from home_rl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_staleness"):
+        load_config(GRPOThinkConfig, ["trainer.max_staleness=1", "cluster.mode=colocated", f"output_dir={tmp_path}"])
 
 
 # ----------------------------------------------------------------------------- other runs

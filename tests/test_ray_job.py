@@ -166,7 +166,8 @@ def test_the_readme_lines_run_the_main_job_and_ray_job_stop_ends_it(temp_dir, ti
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # the README's total_steps=2
 
     # a second job, submitted the README's way and stopped while it runs: its actors must go away with it
-    longer = tiny + ["trainer.total_steps=50", f"output_dir={tmp_path / 'run2'}"]
+    # asynchronous: stopped while the rollout thread works ahead of the learners
+    longer = tiny + ["trainer.total_steps=50", "trainer.max_staleness=1", f"output_dir={tmp_path / 'run2'}"]
     second = [c.replace("ray job submit", "ray job submit --submission-id=grpo-stop --no-wait", 1)
               for c in for_this_test(readme, temp_dir, longer) if c.startswith("ray job submit")]
     started = bash(exports + second)

@@ -46,6 +46,7 @@ class LearnerGroup:
         # Tokens through the model's forward passes so far (fillers aside), every call and rank together:
         # with shared prefixes a prompt counts once per row, without once per sequence.
         self.tokens_computed = 0
+        self.positions_computed = 0  # the same with padding: what the forward passes compute (rows x longest row)
         if placement is not None:
             options = [placement.learner_options(i) for i in range(self.world_size)]
         else:
@@ -80,6 +81,7 @@ class LearnerGroup:
             plan = plan_micro_batches(seqs, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, cfg.shared_prefix)
             num_micro = max(num_micro, len(plan))
             self.tokens_computed += sum(row_length(seqs, row) for rows in plan for row in rows)
+            self.positions_computed += sum(len(rows) * max(row_length(seqs, row) for row in rows) for rows in plan)
         return shards, num_micro
 
     def train_step(self, batch: list[Sequence], loss: Any = "sft", router_loss_weight: float = 0.0,
@@ -100,7 +102,7 @@ class LearnerGroup:
         metrics = {k: v for k, v in results[0].items() if k in _SHARED_METRICS}
         for key in results[0]:
             if key not in _SHARED_METRICS:
-                metrics[key] = sum(r[key] for r in results)
+                metrics[key] = (max if key.endswith("_max") else sum)(r[key] for r in results)
         metrics["compute_s"] = max(r["compute_s"] for r in results)
         elapsed = time.perf_counter() - start
         tokens = sum(len(s) for s in batch)

@@ -24,7 +24,7 @@ from home_rl.learner.batch import MicroBatch, PlannedMicroBatch, Sequence, colla
 from home_rl.learner.config import LearnerConfig, frozen_copy_map, trainable_patterns
 from home_rl.learner.losses import LossInputs, resolve_loss, router_ce
 from home_rl.learner.optim import WarmupSchedule, param_groups, select_trainable
-from home_rl.resources import bf16_supported
+from home_rl.resources import Resources, bf16_supported
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ class LearnerWorker:
         capture_output(f"learner-{rank}")  # first: DeepSpeed's and torch's output goes to the run's logs/
         self.rank, self.world_size = rank, world_size
         self.cfg = LearnerConfig(**cfg)
+        resources = self.cfg.resources
+        (resources if isinstance(resources, Resources) else Resources(**resources)).pin()  # before torch's threads
         torch.set_num_threads(max(1, threads))
         self.engine = None
 
@@ -191,8 +193,9 @@ class LearnerWorker:
             # DeepSpeed averages gradients over ranks; the shares are already global, so undo the mean.
             self.engine.backward(share * self.world_size, scale_wrt_gas=False)
             sums["loss"] += share.item()
-            for key, value in metrics.items():
-                sums[key] += float(value)
+            for key, value in metrics.items():  # shares add up; a `*_max` metric is a maximum
+                sums[key] = max(sums[key], float(value)) if key.endswith("_max") and key in sums else \
+                    sums[key] + float(value)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = self.own_grad_norm if norm is None else norm

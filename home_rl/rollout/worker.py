@@ -41,8 +41,8 @@ def engine_env(cfg: RolloutConfig) -> dict[str, str]:
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if cfg.in_process_engine else "1",
            "OMP_NUM_THREADS": str(threads_per_worker(cfg)),  # vLLM drops an in-process engine to 1 thread without it
            "TOKENIZERS_PARALLELISM": "false"}
-    if cfg.cpu_threads_bind:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind
+    if cfg.cpu_threads_bind or cfg.resources.cores:  # vLLM binds its threads itself: to the pinned cores
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.cpu_threads_bind or cfg.resources.cores
     return env
 
 
@@ -65,6 +65,7 @@ class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig, rank: int = 0):
         capture_output(f"rollout-{rank}")  # first: vLLM's output goes to the run's logs/ (a no-op in-process)
         check_rollout_config(cfg)
+        cfg.resources.pin()  # before the engine starts its threads
         os.environ.update(engine_env(cfg))
         if cfg.kv_cache_gib > 0:
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the config's size wins over a stray environment

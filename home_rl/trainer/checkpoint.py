@@ -51,13 +51,17 @@ def read_state(folder: Path) -> dict:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def save_checkpoint(output_dir: str | Path, step: int, group, state: dict, keep: int = 2) -> Path:
-    """Write the learners' state and `state` as checkpoint `step`, then keep only the newest `keep`."""
+def save_checkpoint(output_dir: str | Path, step: int, group, state: dict, keep: int = 2,
+                    files: Optional[dict[str, bytes]] = None) -> Path:
+    """Write the learners' state, `state` and any other `files` (name -> bytes) as checkpoint `step`, then keep
+    only the newest `keep`."""
     final = checkpoint_root(output_dir) / f"step_{step:08d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     group.save_checkpoint(str(tmp))
+    for name, data in (files or {}).items():
+        (tmp / name).write_bytes(data)
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
     if final.exists():
         shutil.rmtree(final)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+from home_rl.errors import ConfigError
+
 
 @dataclasses.dataclass
 class TrainerConfig:
@@ -16,3 +18,12 @@ class TrainerConfig:
     console: str = "quiet"  # quiet (phases, steps, warnings, errors; library output to output_dir/logs/) | full (all of it on the console)
 
     CHOICES: ClassVar[dict] = {"console": ("quiet", "full")}
+
+
+@dataclasses.dataclass
+class GRPOTrainerConfig(TrainerConfig):
+    max_staleness: int = 0  # asynchronous GRPO: step j's rollouts come from weights version j - k while the learners update (0: synchronous, rollout then update)
+
+    def __post_init__(self):
+        if self.max_staleness < 0:
+            raise ConfigError(f"trainer.max_staleness must be 0 (synchronous) or a number of versions, got {self.max_staleness}")

@@ -44,10 +44,11 @@ class StepRollouts:
     reward_pool: dict[str, float]  # the reward pool's own metrics of the first round (failures, per-verifier means)
 
 
-def training_sequences(groups: Sequence[ScoredGroup], advantages: Sequence[float],
-                       rollout_log_probs: bool) -> list[LearnerSequence]:
+def training_sequences(groups: Sequence[ScoredGroup], advantages: Sequence[float], rollout_log_probs: bool,
+                       behaviour_log_probs: bool = False) -> list[LearnerSequence]:
     """One learner sequence per sample, in group order: prompt + response, its advantage on every response
-    token, and (when the engine's log-probs stand in for the old policy's) the rollout log-probs."""
+    token, and the rollout engine's log-probs: as the old policy's (`rollout_log_probs`, they stand in for
+    them) or as the behaviour policy's (`behaviour_log_probs`, for the importance weight old / behaviour)."""
     seqs, adv = [], iter(advantages)
     for group in groups:
         for sample in group.samples:
@@ -55,6 +56,8 @@ def training_sequences(groups: Sequence[ScoredGroup], advantages: Sequence[float
             token_data = {"advantages": [float(next(adv))] * n}
             if rollout_log_probs:
                 token_data["old_log_probs"] = list(sample.logprobs)
+            if behaviour_log_probs:
+                token_data["rollout_log_probs"] = list(sample.logprobs)
             seqs.append(LearnerSequence(prompt_ids=group.prompt.prompt_token_ids, response_ids=list(sample.response_ids),
                                         route=THINK, token_data=token_data, mm_inputs=group.prompt.mm_inputs,
                                         mm_token_type_ids=group.prompt.mm_token_type_ids))

@@ -14,11 +14,12 @@ from pathlib import Path
 from data_pipelines import DataConfig, find_splits
 from home_rl.cluster import ClusterConfig
 from home_rl.config import ModelConfig
+from home_rl.errors import ConfigError
 from home_rl.experts import REFERENCE, THINK
 from home_rl.grpo import GRPOConfig
 from home_rl.learner.config import LearnerConfig
 from home_rl.rollout.config import RolloutConfig
-from home_rl.trainer.config import TrainerConfig
+from home_rl.trainer.config import GRPOTrainerConfig
 from reward import RewardConfig
 
 
@@ -61,8 +62,8 @@ def _reward_defaults() -> RewardConfig:
     return RewardConfig(num_workers=1)  # math-verify scores a step's 128 samples in ~0.2 s: one worker is plenty
 
 
-def _trainer_defaults() -> TrainerConfig:
-    return TrainerConfig(total_steps=20, save_every=5)
+def _trainer_defaults() -> GRPOTrainerConfig:
+    return GRPOTrainerConfig(total_steps=20, save_every=5)
 
 
 @dataclasses.dataclass
@@ -81,7 +82,7 @@ class GRPOThinkConfig:
     reward: RewardConfig = dataclasses.field(default_factory=_reward_defaults)  # verifiers per data_source and their worker pool
     learner: LearnerConfig = dataclasses.field(default_factory=_learner_defaults)  # DeepSpeed ZeRO-3 learners
     algorithm: GRPOConfig = dataclasses.field(default_factory=_algorithm_defaults)  # advantages, policy loss, KL, PPO epochs
-    trainer: TrainerConfig = dataclasses.field(default_factory=_trainer_defaults)  # steps, checkpoints, resume, logging
+    trainer: GRPOTrainerConfig = dataclasses.field(default_factory=_trainer_defaults)  # steps, checkpoints, resume, logging, asynchronous rollouts (max_staleness)
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)  # disaggregated or colocated placement, resource wait
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # held-out accuracy of the think view: eval.jsonl, eval/* metrics
     train_shared: bool = False  # also train shared weights (attention, embeddings, ...): the fast expert then drifts
@@ -98,6 +99,14 @@ class GRPOThinkConfig:
             self.rollout.sleep_during_updates = True  # the learner sharing the GPU gets the engine's memory
         if self.algorithm.kl_coef > 0 and not any(c.startswith(REFERENCE + "=") for c in self.learner.frozen_copies):
             self.learner.frozen_copies = [*self.learner.frozen_copies, f"{REFERENCE}={THINK}"]
+        if self.trainer.max_staleness > 0 and self.cluster.mode == "colocated":
+            raise ConfigError("trainer.max_staleness > 0 overlaps rollout with the update; cluster.mode=colocated "
+                              "puts both on the same GPUs, whose engines sleep during updates: use disaggregated")
+        if self.algorithm.rollout_is == "auto":  # rollouts of older weights are corrected towards the old policy
+            self.algorithm.rollout_is = "token" if self.trainer.max_staleness > 0 else "none"
+        if self.algorithm.rollout_is != "none" and not self.algorithm.recompute_old_log_probs:
+            raise ConfigError(f"algorithm.rollout_is={self.algorithm.rollout_is} weighs the old policy against the "
+                              "rollout engine's: it needs algorithm.recompute_old_log_probs=true (false makes them one)")
         self.data.seed = self.seed
         splits = find_splits(self.data.path) if self.data.path else None
         if splits is not None:  # a verl data folder: its test split is held out, not trained on

@@ -6,6 +6,10 @@ One controller process calls three Ray actor groups. Per step:
             -> old / reference log-probs (learners) -> PPO-style updates (learners, ZeRO-3)
             -> think-expert weights pushed to the rollout workers
 
+A background thread (`RolloutAhead`) owns the rollout engines and the reward pool; this thread owns
+the learners. With `trainer.max_staleness = k` step j trains on rollouts of weights version j - k,
+made while the learners were busy with the steps before (k = 0: rollout, then update, in turn).
+
 Only the think expert trains by default: the fast expert and the shared weights stay frozen, so
 the fast view's outputs do not move. The KL reference is a frozen copy of the initial think
 expert inside the same model (`think_ref`), not a second model.
@@ -15,7 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
 import random
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,6 +35,7 @@ from home_rl.grpo import GRPOConfig, GRPOLoss, group_advantages
 from home_rl.tracking import PhaseTimer
 from home_rl.trainer.checkpoint import read_state, resolve_resume, save_checkpoint
 from home_rl.trainer.grpo_config import GRPOThinkConfig
+from home_rl.trainer.rollout_ahead import ReadyBatch, RolloutAhead, WeightsSnapshot
 from home_rl.trainer.groups import (ScoredGroup, StepRollouts, dump_rollouts, length_metrics, reward_metrics,
                                     training_sequences)
 from home_rl.trainer.startup import check_memory, ensure_ray, job_placement, load_processor, resolve_home_checkpoint, reward_inputs
@@ -39,6 +46,8 @@ log = logging.getLogger(__name__)
 
 EVAL_SEED = 999_983  # the held-out evaluation samples with the same seed every time: before and after compare
 UPDATE_METRICS = ("loss", "pg_loss", "clip_frac", "ppo_kl", "kl", "entropy", "grad_norm", "lr")
+IS_METRICS = ("is_weight_mean", "is_weight_max", "is_truncated_frac")  # the learner's, logged as async/*
+PENDING_FILE = "pending_rollouts.pkl"  # a checkpoint's rollouts made ahead of the learners, not yet trained on
 
 
 class GRPOThinkTrainer:
@@ -74,15 +83,19 @@ class GRPOThinkTrainer:
         from reward import RewardPool
 
         ensure_ray(cpus)
-        self.placement = self.rollout = self.learner = self.rewards = None
+        self.placement = self.rollout = self.learner = self.rewards = self.ahead = None
         self.step = 0
+        self.pending: list[ReadyBatch] = []  # a resumed checkpoint's rollouts made ahead
+        self.engine_weights: WeightsSnapshot | None = None  # what the engines hold beyond the view on disk
         try:
             # every actor's resources are checked before any starts: what the cluster lacks fails now, by name
             self.placement = job_placement(cfg.cluster, learner=cfg.learner, rollout=cfg.rollout, reward=cfg.reward)
             self.rewards = RewardPool(cfg.reward)
             self.rewards.check(self.rows)  # unmapped sources and verifiers that cannot score a real row fail now
+            # a restarted worker reloads the engines' current version (never from the learners: they are this
+            # thread's, and the rollout thread restarts workers)
             self.rollout = RolloutPool(str(export_think_view(self.home_dir, self.out)), cfg.rollout, self.placement,
-                                       weights_source=self.think_weights)
+                                       weights_source=lambda: self.engine_weights.tensors if self.engine_weights else [])
             self.learner = LearnerGroup(cfg.learner, str(self.home_dir), dtype=cfg.model.dtype,
                                         total_steps=cfg.trainer.total_steps, placement=self.placement)
             resume = resolve_resume(self.out, cfg.trainer.resume)
@@ -96,6 +109,10 @@ class GRPOThinkTrainer:
         """What the rollout engines need beyond the view on disk: the learners' current trainable tensors."""
         return self.learner.iter_weights(view=THINK, only_trainable=True)
 
+    def snapshot(self) -> WeightsSnapshot:
+        """The learners' trainable think tensors now, on the driver, as version self.step."""
+        return WeightsSnapshot(self.step, [(name, tensor) for name, tensor in self.think_weights()])
+
     def _resume(self, folder: Path) -> None:
         state = read_state(folder)
         self.learner.load_checkpoint(str(folder))
@@ -103,9 +120,23 @@ class GRPOThinkTrainer:
         random.setstate(_tuple_state(state["python_rng"]))
         np.random.set_state(_numpy_state(state["numpy_rng"]))
         self.step = int(state["step"])
+        pending = folder / PENDING_FILE
+        if pending.is_file():  # made by older weights that are gone: trained on as they are
+            self.pending = pickle.loads(pending.read_bytes())
         # the engines start from the checkpoint's initial think expert: bring them to the resumed weights
-        self.rollout.update_weights(self.think_weights(), version=self.step)
-        log.info("resumed from %s at step %d", folder, self.step)
+        self.push_weights(self.snapshot())
+        log.info("resumed from %s at step %d (%d rollout batches made ahead)", folder, self.step, len(self.pending))
+
+    def push_weights(self, snapshot: WeightsSnapshot) -> dict:
+        """Load a version into the engines (on the rollout thread once it runs)."""
+        if snapshot.tensors is None:  # a step without an update: the same weights under the next version
+            self.rollout.version = snapshot.version
+            return {"tensors": 0, "bytes": 0, "seconds": 0.0}
+        if self.cfg.rollout.sleep_during_updates:
+            self.rollout.wake_up()
+        report = self.rollout.update_weights(snapshot.tensors, version=snapshot.version)
+        self.engine_weights = snapshot
+        return report
 
     # ------------------------------------------------------------------ one step
 
@@ -121,40 +152,92 @@ class GRPOThinkTrainer:
                   for row, prompt, group in zip(rows, prompts, samples)]
         return groups, pool_metrics
 
-    def collect(self, timer: PhaseTimer) -> StepRollouts:
-        """A step's prompt groups; with zero-variance filtering, regenerate until the batch is full (or the limit)."""
-        alg, want = self.cfg.algorithm, self.cfg.data.prompts_per_step
+    def collect(self, step: int) -> tuple[StepRollouts, dict]:
+        """Step `step`'s prompt groups (with zero-variance filtering, regenerated until the batch is full or the
+        limit), and the seconds it took per phase (rollout, reward). Runs on the rollout thread."""
+        alg, want, timer = self.cfg.algorithm, self.cfg.data.prompts_per_step, PhaseTimer()
         rounds = 1 + (alg.max_regenerations if alg.filter_zero_variance else 0)
         sampled, trained, first = [], [], None
         for attempt in range(rounds):
             groups, pool_metrics = self.rollout_and_score(self.loader.next_batch(), self.cfg.rollout.n,
-                                                          self.cfg.seed * 100_003 + self.step, timer)
+                                                          self.cfg.seed * 100_003 + step, timer)
             if first is None:
                 first = StepRollouts([], [], sum(g.zero_variance for g in groups) / max(len(groups), 1), 0, pool_metrics)
             sampled += groups
             trained += [g for g in groups if not (alg.filter_zero_variance and g.zero_variance)]
             if len(trained) >= want or not alg.filter_zero_variance:
                 break
-        return dataclasses.replace(first, sampled=sampled, trained=trained[:want], regenerations=attempt)
+        rollouts = dataclasses.replace(first, sampled=sampled, trained=trained[:want], regenerations=attempt)
+        return rollouts, dict(timer.seconds)
+
+    def rollouts_ahead(self, evaluate_first: bool = False) -> RolloutAhead:
+        """The rollout thread, started on first use: from the step and weights version the run is at (with
+        `evaluate_first`, a held-out evaluation of that version before any rollout)."""
+        if self.ahead is None:
+            t = self.cfg.trainer
+            self.ahead = RolloutAhead(self.collect, self.push_weights, self.evaluate_engines, t.max_staleness,
+                                      first_step=self.step, total_steps=t.total_steps, version=self.step,
+                                      pending=self.pending)
+            self.pending = []
+            if evaluate_first:
+                self.ahead.ask_evaluation(self.step)
+            self.ahead.start()
+            self.last_step_end = time.perf_counter()
+        return self.ahead
 
     def train_step(self) -> dict:
-        alg, timer = self.cfg.algorithm, PhaseTimer()
+        """One update on the oldest rollouts made ahead; then a checkpoint when one is due, and the new weights
+        handed to the rollout thread (with a held-out evaluation on them when one is due: `evaluation()`)."""
+        t, timer = self.cfg.trainer, PhaseTimer()
+        ahead = self.rollouts_ahead()
         restarts = self.rollout.restarts
-        step = self.collect(timer)
+        with timer("wait"):
+            ready = ahead.next()
+        step = ready.rollouts
         dump_rollouts(self.out / "rollouts" / f"step_{self.step + 1:06d}.jsonl", step)
         # reward, accuracy and length of everything sampled: what the policy does, filtered or not
         metrics = {**reward_metrics(step.sampled), **length_metrics(step.sampled),
-                   "zero_std_frac": step.zero_std_frac, "regenerations": step.regenerations}
-        if not step.trained:  # every group was filtered out: nothing to learn from this step
-            self.step += 1
-            return {**metrics, "skipped": 1.0, "timing/step_s": timer.elapsed()}
-        metrics["reward/trained_mean"] = float(np.mean([r for g in step.trained for r in g.rewards]))
+                   "zero_std_frac": step.zero_std_frac, "regenerations": step.regenerations,
+                   **staleness_metrics(step, self.step)}
+        if step.trained:
+            metrics.update(self.learn(step, timer))
+        else:  # every group was filtered out: nothing to learn from this step
+            metrics["skipped"] = 1.0
+        self.step += 1
+        with timer("weight_sync"):  # gathered on the driver: the rollout thread pushes them between engine calls
+            weights = self.snapshot() if step.trained else WeightsSnapshot(self.step, None)
+        if t.save_every and self.step % t.save_every == 0 and self.step < t.total_steps:
+            with timer("checkpoint"):
+                self.checkpoint()
+        every = self.cfg.eval.every
+        ahead.publish(weights, evaluate=bool(self.eval_rows) and (self.step == t.total_steps or
+                                                                   bool(every and self.step % every == 0)))
+        metrics.update(self.step_timing(ready, timer))
+        generated = sum(len(s.response_ids) for g in step.sampled for s in g.samples)
+        prompt_tokens = sum(len(g.prompt.prompt_token_ids) * len(g.samples) for g in step.trained)
+        metrics.update({
+            **{f"reward_pool/{k.removeprefix('reward/')}": v for k, v in step.reward_pool.items()
+               if isinstance(v, (int, float))},  # verifier failures, per-verifier means, ...
+            "throughput/generated_tokens_per_s": generated / max(metrics["timing/rollout_s"], 1e-9),
+            "throughput/tokens_per_s": (generated + prompt_tokens) / metrics["timing/step_s"],
+            "weight_sync/tensors": len(weights.tensors or []),
+            "weight_sync/mb": sum(x.numel() * x.element_size() for _, x in weights.tensors or []) / 2**20,
+            "rollout/worker_restarts": self.rollout.restarts - restarts,  # workers lost and replaced this step
+            "rollout/worker_restarts_total": self.rollout.restarts,
+        })
+        return metrics
 
+    def learn(self, step: StepRollouts, timer: PhaseTimer) -> dict:
+        """Advantages, old and reference log-probs where needed, and the update, on a step's trained groups."""
+        alg = self.cfg.algorithm
+        metrics = {"reward/trained_mean": float(np.mean([r for g in step.trained for r in g.rewards]))}
         group_ids = [i for i, g in enumerate(step.trained) for _ in g.samples]
         advantages = group_advantages([r for g in step.trained for r in g.rewards], group_ids, alg.norm_adv_by_std)
-        seqs = training_sequences(step.trained, advantages, rollout_log_probs=not alg.recompute_old_log_probs)
-        self.rollout.sleep()  # colocated on CUDA: the learners get the engines' GPU memory (else a no-op)
-        computed = self.learner.tokens_computed
+        seqs = training_sequences(step.trained, advantages, rollout_log_probs=not alg.recompute_old_log_probs,
+                                  behaviour_log_probs=alg.rollout_is != "none")
+        if self.cfg.rollout.sleep_during_updates:  # colocated: the learners get the engines' GPU memory
+            self.rollout.sleep()
+        computed, positions = self.learner.tokens_computed, self.learner.positions_computed
         with timer("old_log_prob"):
             if alg.recompute_old_log_probs and not on_policy(alg):
                 for seq, lp in zip(seqs, self.learner.log_probs(seqs)):
@@ -168,23 +251,27 @@ class GRPOThinkTrainer:
             metrics.update(self.update(seqs))
         # every learner pass of the step (old and reference log-probs, update): what shared prefixes cut
         metrics["learner/tokens_computed"] = self.learner.tokens_computed - computed
-        with timer("weight_sync"):
-            self.rollout.wake_up()
-            sync = self.rollout.update_weights(self.think_weights(), version=self.step + 1)
-        self.step += 1
-
-        metrics.update(timer.metrics())
-        generated = sum(len(s.response_ids) for g in step.sampled for s in g.samples)
-        metrics.update({
-            **{f"reward_pool/{k.removeprefix('reward/')}": v for k, v in step.reward_pool.items()
-               if isinstance(v, (int, float))},  # verifier failures, per-verifier means, ...
-            "throughput/generated_tokens_per_s": generated / max(metrics["timing/rollout_s"], 1e-9),
-            "throughput/tokens_per_s": (generated + sum(len(s.prompt_ids) for s in seqs)) / metrics["timing/step_s"],
-            "weight_sync/tensors": sync["tensors"], "weight_sync/mb": sync["bytes"] / 2**20,
-            "rollout/worker_restarts": self.rollout.restarts - restarts,  # workers lost and replaced this step
-            "rollout/worker_restarts_total": self.rollout.restarts,
-        })
+        metrics["learner/positions_computed"] = self.learner.positions_computed - positions  # padding included
+        for key in IS_METRICS:
+            if f"actor/{key}" in metrics:
+                metrics[f"async/{key}"] = metrics.pop(f"actor/{key}")
         return metrics
+
+    def step_timing(self, ready: ReadyBatch, timer: PhaseTimer) -> dict:
+        """timing/*: the rollout's and reward's seconds of this step's batch, the learners' phases, the step's
+        wall time since the last one ended, and how long each side sat idle in it."""
+        now = time.perf_counter()
+        wall = now - self.last_step_end
+        learner_busy = sum(timer.seconds.get(p, 0.0) for p in ("old_log_prob", "reference", "update", "weight_sync",
+                                                         "checkpoint"))
+        out = {f"timing/{k}_s": v for k, v in {**ready.seconds, **timer.seconds}.items()}
+        out.update({"timing/step_s": wall, "timing/learner_idle_s": max(0.0, wall - learner_busy),
+                    "timing/rollout_idle_s": max(0.0, wall - self.ahead.busy_seconds(self.last_step_end, now))})
+        pushed = [r for r in self.ahead.push_reports_since() if "seconds" in r]
+        if pushed:
+            out["timing/weight_push_s"] = sum(r["seconds"] for r in pushed)
+        self.last_step_end = now
+        return out
 
     def update(self, seqs: list) -> dict[str, float]:
         """alg.ppo_epochs passes over the step's sequences, each in alg.mini_batches optimizer steps; mean metrics."""
@@ -198,24 +285,28 @@ class GRPOThinkTrainer:
             for part in np.array_split(order, alg.mini_batches):
                 m = self.learner.train_step([seqs[j] for j in part], loss=loss)
                 updates += 1
-                for key in UPDATE_METRICS:
+                for key in (*UPDATE_METRICS, *IS_METRICS):
                     if key in m:
                         totals[key] += m[key]
         return {f"actor/{k}": v / updates for k, v in totals.items()}
 
-    def evaluate(self) -> dict[str, float]:
-        """The think view on the held-out prompts: accuracy, reward, format rate and length (eval/*),
-        also appended to eval.jsonl with the step."""
-        if not self.eval_rows:
-            return {}
+    def evaluate_engines(self, version: int) -> dict[str, float]:
+        """The think view on the held-out prompts, with the engines at `version`: accuracy, reward, format rate
+        and length (eval/*). Runs on the rollout thread."""
         timer = PhaseTimer()
         groups, _ = self.rollout_and_score(self.eval_rows, self.cfg.eval.n, EVAL_SEED, timer)
         metrics = {f"eval/{k}": v for k, v in reward_metrics(groups).items()}
         metrics.update(length_metrics(groups, prefix="eval/"))
         metrics.update({"eval/prompts": len(self.eval_rows), "timing/eval_s": timer.elapsed()})
+        return metrics
+
+    def evaluation(self, step: int) -> dict[str, float]:
+        """The held-out evaluation of the weights after `step` updates (asked for by train_step, or the baseline
+        at 0), also appended to eval.jsonl with the step."""
+        metrics, self.last_step_end = self.rollouts_ahead().evaluation(step)  # the next step's time starts there
         with open(self.out / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        log.info("eval at step %d: accuracy %.3f reward %.3f on %d held-out prompts (%.0f s)", self.step,
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        log.info("eval at step %d: accuracy %.3f reward %.3f on %d held-out prompts (%.0f s)", step,
                  metrics.get("eval/accuracy", float("nan")), metrics["eval/reward/mean"], len(self.eval_rows),
                  metrics["timing/eval_s"])
         return metrics
@@ -223,10 +314,15 @@ class GRPOThinkTrainer:
     # ------------------------------------------------------------------ the run
 
     def checkpoint(self) -> Path:
+        """Learners, data position and RNGs at self.step, and the rollouts made ahead that are not trained on yet
+        (the rollout thread is drained first: it has made every batch the current engines are due for)."""
+        pending = self.rollouts_ahead().drain()
         state = {"loader": self.loader.state_dict(), "python_rng": random.getstate(),
                  "numpy_rng": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()],
-                 "weights_version": self.step}
-        return save_checkpoint(self.out, self.step, self.learner, state, keep=self.cfg.trainer.keep_checkpoints)
+                 "weights_version": self.step, "pending_steps": [b.step for b in pending]}
+        files = {PENDING_FILE: pickle.dumps(pending)} if pending else {}
+        return save_checkpoint(self.out, self.step, self.learner, state, keep=self.cfg.trainer.keep_checkpoints,
+                               files=files)
 
     def run(self) -> Path:
         from home_rl.plots import plot_metrics
@@ -236,14 +332,15 @@ class GRPOThinkTrainer:
         logger = MetricsLogger(self.out, resume_step=self.step, tensorboard=t.tensorboard)
         bar = progress(t.total_steps, initial=self.step, desc="grpo")
         try:
-            if self.step == 0:
-                self.evaluate()  # the baseline of eval.jsonl (a resumed run has it already)
+            if self.step == 0 and self.eval_rows:
+                self.rollouts_ahead(evaluate_first=True)  # the baseline of eval.jsonl (a resumed run has it already)
+                self.evaluation(0)
             else:
                 truncate_jsonl(self.out / "eval.jsonl", self.step)  # evaluations the killed run made after it
             while self.step < t.total_steps:
                 metrics = self.train_step()
-                if self.step == t.total_steps or (every and self.step % every == 0):
-                    metrics.update(self.evaluate())
+                if self.eval_rows and (self.step == t.total_steps or (every and self.step % every == 0)):
+                    metrics.update(self.evaluation(self.step))
                 logger.log(self.step, metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
@@ -252,8 +349,6 @@ class GRPOThinkTrainer:
                     log.info("step %d: reward %.3f acc %.3f len %.1f step %.1fs", self.step,
                              metrics.get("reward/mean", float("nan")), metrics.get("accuracy", float("nan")),
                              metrics.get("response_length/mean", 0), metrics.get("timing/step_s", 0))
-                if t.save_every and self.step % t.save_every == 0 and self.step < t.total_steps:
-                    self.checkpoint()
         finally:
             bar.close()
             logger.close()
@@ -262,6 +357,8 @@ class GRPOThinkTrainer:
         return final
 
     def shutdown(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
         for group in (self.rollout, self.learner, self.rewards, self.placement):
             if group is None:
                 continue
@@ -312,6 +409,12 @@ def export_think_view(home_dir: Path, out: Path) -> Path:
     if not (view / "config.json").is_file():  # in the checkpoint's own dtype: each engine casts to rollout.dtype
         HomeModel.from_pretrained(home_dir).export_view(THINK, view)
     return view
+
+
+def staleness_metrics(step: StepRollouts, version: int) -> dict[str, float]:
+    """How many versions older than the weights they train (`version`) the trained samples' weights are."""
+    lags = [version - s.weights_version for g in step.trained for s in g.samples]
+    return {"async/staleness_max": float(max(lags, default=0)), "async/staleness_mean": float(np.mean(lags)) if lags else 0.0}
 
 
 def on_policy(alg: GRPOConfig) -> bool:
