@@ -130,6 +130,8 @@ class GRPOLoss:
         their step-level metrics: mean and truncated share as token-mean shares, max as a max."""
         from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
 
+        if not (mask > 0).any():  # a rank's filler micro-batch: nothing in the loss (verl refuses an empty mask)
+            return torch.zeros_like(old), {"is_weight_mean": 0.0, "is_truncated_frac": 0.0, "is_weight_max": 0.0}
         log_ratio = (old - behaviour.to(old.dtype)).detach()
         weights, _ = compute_rollout_correction_weights(log_ratio, mask, rollout_is=self.cfg.rollout_is,
                                                         rollout_is_threshold=self.cfg.rollout_is_threshold)

@@ -111,3 +111,28 @@ def test_on_policy_without_old_log_probs_gives_the_same_loss_and_gradient():
         loss.backward()
         grads.append((loss.item(), lp.grad))
     assert grads[0][0] == grads[1][0] and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_truncated_importance_weights_scale_the_policy_loss_and_skip_an_empty_micro_batch():
+    """TIS (algorithm.rollout_is=token): weights exp(old - behaviour) capped at the threshold multiply each token's
+    policy loss; a filler micro-batch (all tokens masked out, a rank with fewer sequences) adds nothing."""
+    log_probs, _, _, adv, mask = _batch(0.0, 0.0)
+    behaviour = log_probs.detach() - torch.linspace(-1.0, 1.0, log_probs.numel()).view_as(log_probs)
+    cfg = GRPOConfig(rollout_is="token", rollout_is_threshold=2.0)
+
+    def run(m):
+        x = LossInputs(log_probs=log_probs, entropy=None, loss_mask=m,
+                       token_data={"advantages": adv, "rollout_log_probs": behaviour}, seq_data={},
+                       global_tokens=max(m.sum().item(), 1.0), global_sequences=8, world_size=1)
+        return GRPOLoss(cfg)(x)
+
+    loss, metrics = run(mask)
+    weights = torch.exp(log_probs.detach() - behaviour).clamp(max=2.0)
+    expected = -(weights * adv * mask).sum() / mask.sum()  # ratio 1: minus the weighted token-mean advantage
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    assert metrics["is_weight_mean"] == pytest.approx(((weights * mask).sum() / mask.sum()).item(), abs=1e-6)
+    raw = torch.exp(log_probs.detach() - behaviour)
+    assert metrics["is_weight_max"] == pytest.approx(raw[mask > 0].max().item(), rel=1e-6)
+    assert metrics["is_truncated_frac"] == pytest.approx((((raw > 2.0) * mask).sum() / mask.sum()).item(), abs=1e-6)
+    empty_loss, empty = run(torch.zeros_like(mask))
+    assert empty_loss.item() == 0 and empty["is_weight_max"] == 0
