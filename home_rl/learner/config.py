@@ -40,6 +40,8 @@ class LearnerConfig:
                              "node_resource": "resources.node_resource"}
 
     def __post_init__(self):
+        if isinstance(self.resources, dict):  # LearnerConfig(**to_dict(cfg)) in the learner actors
+            self.resources = Resources(**self.resources)
         if self.num_learners < 1:
             raise ConfigError(f"learner.num_learners must be at least 1, got {self.num_learners}")
         if self.micro_batch_size < 1:

@@ -24,7 +24,7 @@ from home_rl.learner.batch import MicroBatch, PlannedMicroBatch, Sequence, colla
 from home_rl.learner.config import LearnerConfig, frozen_copy_map, trainable_patterns
 from home_rl.learner.losses import LossInputs, resolve_loss, router_ce
 from home_rl.learner.optim import WarmupSchedule, param_groups, select_trainable
-from home_rl.resources import Resources, bf16_supported
+from home_rl.resources import bf16_supported
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,7 @@ class LearnerWorker:
         capture_output(f"learner-{rank}")  # first: DeepSpeed's and torch's output goes to the run's logs/
         self.rank, self.world_size = rank, world_size
         self.cfg = LearnerConfig(**cfg)
-        resources = self.cfg.resources
-        (resources if isinstance(resources, Resources) else Resources(**resources)).pin()  # before torch's threads
+        self.cfg.resources.pin()  # before torch starts its threads: they inherit the cores
         torch.set_num_threads(max(1, threads))
         self.engine = None
 

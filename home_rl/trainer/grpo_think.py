@@ -111,7 +111,7 @@ class GRPOThinkTrainer:
 
     def snapshot(self) -> WeightsSnapshot:
         """The learners' trainable think tensors now, on the driver, as version self.step."""
-        return WeightsSnapshot(self.step, [(name, tensor) for name, tensor in self.think_weights()])
+        return WeightsSnapshot(self.step, list(self.think_weights()))
 
     def _resume(self, folder: Path) -> None:
         state = read_state(folder)
@@ -209,9 +209,7 @@ class GRPOThinkTrainer:
         if t.save_every and self.step % t.save_every == 0 and self.step < t.total_steps:
             with timer("checkpoint"):
                 self.checkpoint()
-        every = self.cfg.eval.every
-        ahead.publish(weights, evaluate=bool(self.eval_rows) and (self.step == t.total_steps or
-                                                                   bool(every and self.step % every == 0)))
+        ahead.publish(weights, evaluate=self.evaluation_due())
         metrics.update(self.step_timing(ready, timer))
         generated = sum(len(s.response_ids) for g in step.sampled for s in g.samples)
         prompt_tokens = sum(len(g.prompt.prompt_token_ids) * len(g.samples) for g in step.trained)
@@ -267,7 +265,7 @@ class GRPOThinkTrainer:
         out = {f"timing/{k}_s": v for k, v in {**ready.seconds, **timer.seconds}.items()}
         out.update({"timing/step_s": wall, "timing/learner_idle_s": max(0.0, wall - learner_busy),
                     "timing/rollout_idle_s": max(0.0, wall - self.ahead.busy_seconds(self.last_step_end, now))})
-        pushed = [r for r in self.ahead.push_reports_since() if "seconds" in r]
+        pushed = self.ahead.push_reports_since()
         if pushed:
             out["timing/weight_push_s"] = sum(r["seconds"] for r in pushed)
         self.last_step_end = now
@@ -300,6 +298,12 @@ class GRPOThinkTrainer:
         metrics.update({"eval/prompts": len(self.eval_rows), "timing/eval_s": timer.elapsed()})
         return metrics
 
+    def evaluation_due(self) -> bool:
+        """Whether the weights after self.step updates are evaluated: after the last step, and every eval.every."""
+        every = self.cfg.eval.every
+        return bool(self.eval_rows) and (self.step == self.cfg.trainer.total_steps or
+                                         bool(every and self.step % every == 0))
+
     def evaluation(self, step: int) -> dict[str, float]:
         """The held-out evaluation of the weights after `step` updates (asked for by train_step, or the baseline
         at 0), also appended to eval.jsonl with the step."""
@@ -328,7 +332,7 @@ class GRPOThinkTrainer:
         from home_rl.plots import plot_metrics
         from home_rl.tracking import MetricsLogger, progress
 
-        t, every = self.cfg.trainer, self.cfg.eval.every
+        t = self.cfg.trainer
         logger = MetricsLogger(self.out, resume_step=self.step, tensorboard=t.tensorboard)
         bar = progress(t.total_steps, initial=self.step, desc="grpo")
         try:
@@ -339,7 +343,7 @@ class GRPOThinkTrainer:
                 truncate_jsonl(self.out / "eval.jsonl", self.step)  # evaluations the killed run made after it
             while self.step < t.total_steps:
                 metrics = self.train_step()
-                if self.eval_rows and (self.step == t.total_steps or (every and self.step % every == 0)):
+                if self.evaluation_due():
                     metrics.update(self.evaluation(self.step))
                 logger.log(self.step, metrics)
                 bar.update(1)

@@ -141,12 +141,7 @@ class RolloutAhead:
 
     def _blocked(self) -> bool:
         """Nothing to do before a newer version arrives (or no steps are left)."""
-        if self._busy_since is not None or self.engine_version in self.eval_at:
-            return False
-        nxt = self.engine_version + 1
-        if nxt in self.snapshots:
-            return False
-        return self.next_step >= self.total_steps or self._needed_version(self.next_step) > self.engine_version
+        return self._busy_since is None and self._next_task() is None
 
     def _run(self) -> None:
         try:
