@@ -15,6 +15,7 @@ HOME_RL_CONSOLE=full) prints everything to the console as before.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,33 @@ def capture_output(name: str) -> Optional[Path]:
     warnings.addFilter(_home_rl_only)
     logging.getLogger().addHandler(warnings)
     return path
+
+
+@contextlib.contextmanager
+def output_to(name: str) -> Iterator[Optional[Path]]:
+    """Inside the block, this process's stdout and stderr go to LOG_DIR/name.log (quiet mode with a log folder;
+    else nothing changes): processes started inside (vLLM engine cores) keep writing there for good."""
+    folder = _state["log_dir"]
+    if folder is None:
+        yield None
+        return
+    path = folder / f"{name}.log"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 def phase_done(name: str, what: str, since: float) -> None:

@@ -49,9 +49,12 @@ def ensure_embedded(name: str) -> Path:
     import torch
     import transformers
 
+    from home_rl.console import output_to
+
     log.info("converting %s (GGUF) to an HF folder in %s (once)", gguf_name, out)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
+    with output_to("embedded_model"):  # transformers' progress bars: to the log folder, not the console
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32)
     # The GGUF tokenizer comes with eos = <|im_start|>; the model ends its turns with <|im_end|>.
     end = "<|im_end|>"
     end_id = tokenizer.convert_tokens_to_ids(end)
@@ -61,8 +64,9 @@ def ensure_embedded(name: str) -> Path:
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = end_id
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with output_to("embedded_model"):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
