@@ -63,6 +63,15 @@ def tiny_home(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def stage_run(tiny_home, ray_local, tmp_path_factory):
+    """The router stage and the hybrid evaluation on a tiny Qwen2.5-VL, once per session (tests/router_runs.py):
+    {"home", "final" (the trained router's checkpoint), "out", "eval", "report"}."""
+    from router_runs import run_stage
+
+    return run_stage(tiny_home, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A local Ray runtime shared by every test that needs one (CPU actors, extra logical CPUs)."""
     import ray

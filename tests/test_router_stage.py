@@ -1,61 +1,14 @@
 """The router stage and the hybrid evaluation end to end on a tiny Qwen2.5-VL with image prompts.
 
-Real Ray, real vLLM engines for both views, real reward workers. A random tiny model never answers
-correctly, so the reward here is a verifier that pays think samples on math only: the labels must
-then come out think on exactly the math rows, which checks that each expert's samples are scored
-as that expert's.
+Real Ray, real vLLM engines for both views, real reward workers; the run is conftest's `stage_run` (made by
+tests/router_runs.py, shared with the serving tests). Its reward pays think samples on math only: the labels must
+then come out think on exactly the math rows, which checks that each expert's samples are scored as that expert's.
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).resolve()
-
-
-def think_pays_on_math(response, ground_truth, *, data_source, extra_info):
-    """1 for a think sample of a math row, else 0 (module top kept light: the reward sandbox imports this file)."""
-    return float(extra_info.get("expert") == "think" and data_source == "math")
-
-
-def _cfgs(home: Path, tmp: Path):
-    from home_rl.rollout.config import RolloutConfig
-    from home_rl.router.config import EvaluateConfig, RouterStageConfig, RouterTrainConfig, SyntheticMixConfig
-    from reward.config import VerifierEntry
-
-    verifier = [VerifierEntry(f"{HERE}:think_pays_on_math", 1.0)]
-    common = dict(
-        rollout=RolloutConfig(n=2, max_response_tokens=8, dtype="float32", kv_cache_gib=0.25, max_model_len=512,
-                              stop=[]),
-    )
-    fit = dict(max_epochs=60, patience=10, lr=1e-2)
-    mix = dict(ratio="math=1,ocr=1,vqa=1", image_fraction=1.0)  # 2 prompts per source, math rendered into images
-    stage = RouterStageConfig(checkpoint=str(home), output_dir=str(tmp / "router"),
-                              synthetic=SyntheticMixConfig(rows=6, seed=0, **mix), router=RouterTrainConfig(**fit),
-                              **common)
-    evaluation = EvaluateConfig(checkpoint=str(tmp / "router" / "final"), output_dir=str(tmp / "eval"),
-                                synthetic=SyntheticMixConfig(rows=6, seed=1, **mix),
-                                router=RouterTrainConfig(target="label", **fit), **common)  # type labels: no gains
-    for cfg in (stage, evaluation):
-        cfg.reward.sources = {s: verifier for s in ("math", "ocr", "vqa")}
-        cfg.data.max_prompt_tokens = 400
-    evaluation.type_router.data_path = str(tmp / "router" / "data" / "data.jsonl")
-    return stage, evaluation
-
-
-@pytest.fixture(scope="module")
-def stage_run(tiny_home, ray_local, tmp_path_factory):
-    from home_rl.trainer.evaluate import evaluate
-    from home_rl.trainer.router_stage import train_router
-
-    tmp = tmp_path_factory.mktemp("router_stage")
-    home = tiny_home("qwen2_5_vl", router_hidden_size=16)
-    stage, evaluation = _cfgs(home, tmp)
-    final = train_router(stage)
-    report = evaluate(evaluation)
-    return {"home": home, "final": Path(final), "out": tmp / "router", "eval": tmp / "eval", "report": report}
 
 
 def test_labels_come_from_both_experts_rollouts(stage_run):

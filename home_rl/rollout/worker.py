@@ -78,10 +78,7 @@ class RolloutWorker:
         # vLLM's sleep mode needs its CUDA memory allocator; the CPU build has nothing to free
         self.can_sleep = cfg.sleep_during_updates and current_platform.is_sleep_mode_available()
         self.version = 0
-        self.dtype = cfg.dtype
-        if cfg.dtype == "bfloat16" and current_platform.is_cpu() and not bf16_supported(torch.device("cpu")):
-            log.warning("bfloat16 is not supported on this cpu: the rollout engine runs in float32")
-            self.dtype = "float32"
+        self.dtype = engine_dtype(cfg.dtype, "the rollout engine")
         hf_config = transformers.AutoConfig.from_pretrained(self.model_path)
         multimodal = hasattr(hf_config, "vision_config")
         start = time.perf_counter()
@@ -106,10 +103,7 @@ class RolloutWorker:
         self.tokenizer = self.llm.get_tokenizer()
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.image_token_id = _image_token_id(hf_config) if multimodal else None
-        # A sampled image or video placeholder would be taken for a picture with no pixels by the learner's forward
-        # ("image features and image tokens do not match"): a VL model never generates one.
-        video_token_id = getattr(hf_config, "video_token_id", None) if multimodal else None
-        self.placeholder_bias = {int(t): -100.0 for t in (self.image_token_id, video_token_id) if t is not None}
+        self.placeholder_bias = placeholder_bias(hf_config) if multimodal else {}
         self._in_update = False
         self._held: list[tuple[str, torch.Tensor]] = []  # fused parts waiting for their siblings
         self.packed_modules = self.llm.collective_rpc("home_rl_packed_modules")[0]
@@ -309,6 +303,24 @@ class RolloutWorker:
         llm, self.llm = self.llm, None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
+
+
+def engine_dtype(dtype: str, who: str) -> str:
+    """The dtype a vLLM engine runs in: `dtype`, but float32 for bfloat16 on a CPU that only emulates it (warned)."""
+    from vllm.platforms import current_platform
+
+    if dtype == "bfloat16" and current_platform.is_cpu() and not bf16_supported(torch.device("cpu")):
+        log.warning("bfloat16 is not supported on this cpu: %s runs in float32", who)
+        return "float32"
+    return dtype
+
+
+def placeholder_bias(hf_config) -> dict[int, float]:
+    """Logit bias that keeps a vision-language model from sampling its image and video placeholders: the learner's
+    forward would take one for a picture with no pixels ("image features and image tokens do not match"), and a
+    served answer has no use for one."""
+    ids = (_image_token_id(hf_config), getattr(hf_config, "video_token_id", None))
+    return {int(t): -100.0 for t in ids if t is not None}
 
 
 def _image_token_id(hf_config) -> Optional[int]:

@@ -1,0 +1,137 @@
+"""One vLLM engine per expert view, with continuous batching (vLLM's AsyncLLM), and the views it serves.
+
+A view is a plain dense checkpoint of the base architecture (the shared weights plus one expert), so
+stock vLLM serves it with no custom code. Both views are exported from the HOME checkpoint once,
+into output_dir/views/, and exported again only when the checkpoint changes.
+
+    views = export_views(checkpoint, out / "views")          # {"think": folder, "fast": folder}
+    engine = ViewEngine(views["think"], "think", cfg.engine)
+    async for delta in engine.generate(job): ...              # GenerationDelta: new text per sample
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, AsyncIterator, Optional
+
+from home_rl.experts import EXPERTS, THINK
+from home_rl.serve.config import EngineConfig
+from home_rl.serve.protocol import Sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GenerationJob:
+    """What an engine is asked: one prompt, n samples."""
+    request_id: str
+    prompt: dict  # vLLM input: {"prompt_token_ids": [...]} (+ "multi_modal_data": {"image": [PIL images]})
+    sampling: Sampling
+    max_tokens: int  # resolved against the context
+
+
+@dataclasses.dataclass
+class SampleDelta:
+    index: int  # which of the n samples
+    text: str  # text generated since the last delta
+    tokens: int  # tokens generated since the last delta
+    finish_reason: Optional[str] = None  # stop | length, on the sample's last delta
+
+
+@dataclasses.dataclass
+class GenerationDelta:
+    prompt_tokens: int
+    samples: list[SampleDelta]
+
+
+def export_views(checkpoint: str | Path, out_dir: str | Path, home: Any = None) -> dict[str, Path]:
+    """Both experts' views of `checkpoint` under out_dir/<expert>/, unless the ones there came from this very
+    checkpoint (same files, sizes and times). `home`: the HomeModel already loaded from it."""
+    out_dir = Path(out_dir)
+    stamp = _checkpoint_stamp(Path(checkpoint))
+    stamp_file = out_dir / "source.json"
+    views = {expert: out_dir / expert for expert in EXPERTS}
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and \
+            all((v / "config.json").is_file() for v in views.values()):
+        return views
+    from home_rl.model import HomeModel
+
+    home = home if home is not None else HomeModel.from_pretrained(checkpoint)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    for expert, folder in views.items():
+        home.export_view(expert, folder)
+    stamp_file.write_text(json.dumps(stamp))
+    return views
+
+
+def _checkpoint_stamp(folder: Path) -> dict:
+    return {"checkpoint": str(folder.resolve()),
+            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
+                      for p in sorted(folder.iterdir()) if p.is_file()}}
+
+
+def engine_cores(setting: str, expert: str) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `expert`'s engine. vLLM's `auto` binds every engine of a machine to the same
+    cores (on 2 cores: both to core 0, core 1 left to other processes), so the two views would decode on one
+    core while the other idles; `split` gives each its own half (README, Serving: what that changed)."""
+    if setting != "split":
+        return setting
+    cores = sorted(os.sched_getaffinity(0))
+    half = len(cores) // 2
+    mine = cores if half == 0 else (cores[half:] if expert == THINK else cores[:half])
+    return ",".join(map(str, mine))
+
+
+class ViewEngine:
+    """vLLM's AsyncLLM over one view: requests from many clients are batched continuously by the engine."""
+
+    def __init__(self, view_dir: str | Path, expert: str, cfg: EngineConfig):
+        import transformers
+        from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from home_rl.rollout.worker import engine_dtype, placeholder_bias
+
+        self.expert, self.cfg = expert, cfg
+        self.cores = engine_cores(cfg.cpu_threads_bind, expert)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.cores  # read by the engine process it starts
+        hf_config = transformers.AutoConfig.from_pretrained(view_dir)
+        multimodal = hasattr(hf_config, "vision_config")
+        self.can_seed = not current_platform.is_cpu()  # the CPU build crashes on a per-request seed
+        args = AsyncEngineArgs(
+            model=str(view_dir), served_model_name=expert, dtype=engine_dtype(cfg.dtype, f"the {expert} engine"),
+            seed=cfg.seed, max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
+            enable_prefix_caching=cfg.enable_prefix_caching, max_num_seqs=cfg.max_num_seqs,
+            kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30) if cfg.kv_cache_gib > 0 else None,
+            gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
+            limit_mm_per_prompt={"image": cfg.limit_images_per_prompt} if multimodal else None,
+            disable_log_stats=True)
+        self.engine = AsyncLLM.from_engine_args(args)
+        self.bias = placeholder_bias(hf_config) if multimodal else {}
+
+    def sampling_params(self, job: GenerationJob) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = job.sampling
+        return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=job.max_tokens,
+                              stop=list(dict.fromkeys([*self.cfg.stop, *s.stop])), include_stop_str_in_output=True,
+                              presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                              seed=s.seed if self.can_seed else None, logit_bias=self.bias or None,
+                              output_kind=RequestOutputKind.DELTA)
+
+    async def generate(self, job: GenerationJob) -> AsyncIterator[GenerationDelta]:
+        """Deltas as the engine steps; closing the iterator (a client gone) aborts the request in the engine."""
+        async for out in self.engine.generate(job.prompt, self.sampling_params(job), job.request_id):
+            samples = [SampleDelta(c.index, c.text, len(c.token_ids), c.finish_reason) for c in out.outputs]
+            yield GenerationDelta(len(out.prompt_token_ids or ()), samples)
+
+    def shutdown(self) -> None:
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.shutdown()

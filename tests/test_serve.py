@@ -1,0 +1,269 @@
+"""Serving the hybrid model: recipes/serve.py on the tiny Qwen2.5-VL whose router the router stage trained.
+
+The server runs as its own process (two real vLLM engines, a real HTTP server on 127.0.0.1) and is
+talked to with the real `openai` client; its router's choices are checked against the choices
+recipes/evaluate.py made on the same prompts (conftest's `stage_run`). The Ray Serve backend:
+tests/test_serve_ray.py.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from home_rl.serve.protocol import APIError, ResponseSplitter, image_ref, parse_request, split_response
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = ["engine.dtype=float32", "engine.kv_cache_gib=0.25", "engine.max_model_len=512", "engine.max_tokens=16"]
+
+
+# ----------------------------------------------------------------------------- the wire format, no engines
+
+
+@pytest.mark.parametrize("text, reasoning, content", [
+    ("<think>add them</think><answer>5</answer>", "add them", "5"),
+    ("<think></think><answer>5</answer>", "", "5"),  # the fast expert's template
+    ("  <think>a</think>\n<answer>b", "a", "b"),  # cut by max_tokens inside the answer
+    ("<think>still thinking", "still thinking", ""),  # cut inside the trace
+    ("The answer is 5", "", "The answer is 5"),  # no template: all answer
+    ("<answer>7</answer>", "", "7"),
+    ("<think>t</think>plain words", "t", "plain words"),
+])
+def test_split_response_and_its_stream_agree(text, reasoning, content):
+    assert split_response(text) == (reasoning, content)
+    rng = random.Random(0)
+    for _ in range(20):  # any cut into deltas adds up to the same split
+        cuts = sorted(rng.sample(range(1, len(text)), k=min(len(text) - 1, rng.randint(1, 6))))
+        splitter, got = ResponseSplitter(), ["", ""]
+        for a, b in zip([0] + cuts, cuts + [len(text)]):
+            r, c = splitter.feed(text[a:b], final=b == len(text))
+            got[0] += r
+            got[1] += c
+        assert tuple(got) == (reasoning, content)  # so no delta showed a piece of a tag that later closed
+
+
+def test_requests_are_checked_field_by_field(tmp_path):
+    ok = {"model": "home", "messages": [{"role": "user", "content": "hi"}]}
+    assert parse_request(ok, "chat").expert == "auto"
+    cases = {
+        "expert": {**ok, "expert": "slow"},
+        "temperature": {**ok, "temperature": "hot"},
+        "top_p": {**ok, "top_p": 0},
+        "max_tokens": {**ok, "max_tokens": 0},
+        "n": {**ok, "n": 100},
+        "stop": {**ok, "stop": [1]},
+        "messages": {"model": "home", "messages": []},
+        "messages[0].role": {"model": "home", "messages": [{"role": "robot", "content": "x"}]},
+        "messages[0].content[0]": {"model": "home", "messages": [{"role": "user", "content": [{"type": "audio"}]}]},
+        "model": {"messages": ok["messages"]},
+    }
+    for param, body in cases.items():
+        with pytest.raises(APIError) as e:
+            parse_request(body, "chat")
+        assert e.value.status == 400 and e.value.param == param, (param, e.value.message)
+    with pytest.raises(APIError, match="prompt"):
+        parse_request({"model": "home", "prompt": ["a", "b"]}, "completion")
+
+    png = tmp_path / "a.png"
+    png.write_bytes(b"\x89PNG")
+    assert image_ref({"url": "data:image/png;base64," + base64.b64encode(b"xyz").decode()}, "p", "") == b"xyz"
+    assert image_ref({"url": f"file://{png}"}, "p", str(tmp_path)) == str(png)
+    for url, status in ((f"file://{png}", 400),  # no image_dir: file paths refused
+                        ("http://example.com/a.png", 400), ("data:image/png;base64,@@@", 400)):
+        with pytest.raises(APIError) as e:
+            image_ref({"url": url}, "p", "")
+        assert e.value.status == status
+    with pytest.raises(APIError) as e:
+        image_ref({"url": "/etc/passwd"}, "p", str(tmp_path))
+    assert e.value.status == 403
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eval_rows(stage_run) -> list[dict]:
+    """The evaluation's rows (their images as files) with the expert the evaluation's router chose for each."""
+    data = stage_run["eval"] / "data" / "data.jsonl"
+    rows = {r["id"]: r for r in map(json.loads, data.read_text().splitlines())}
+    samples = [json.loads(line) for line in (stage_run["eval"] / "samples.jsonl").read_text().splitlines()]
+    out = []
+    for s in samples:
+        row = dict(rows[s["id"]])
+        row["images"] = [str((data.parent / p).resolve()) for p in row.get("images") or []]
+        row["hybrid"] = s["choices"]["hybrid"]
+        out.append(row)
+    return out
+
+
+def chat_messages(row: dict, as_files: bool = False) -> list[dict]:
+    """The row's prompt as OpenAI chat messages, its images as image_url parts where its <image> markers are
+    (before the text without markers), as data URLs or file paths."""
+    from data_pipelines.templates import IMAGE_MARKER, as_messages
+
+    def url(path: str) -> str:
+        if as_files:
+            return f"file://{path}"
+        return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+    images = iter(row.get("images") or [])
+    out = []
+    for m in as_messages(row["prompt"]):
+        text = m["content"]
+        if m["role"] == "user" and row.get("images") and IMAGE_MARKER not in text and not out:
+            text = IMAGE_MARKER * len(row["images"]) + text
+        parts = []
+        for k, piece in enumerate(text.split(IMAGE_MARKER)):
+            if k:
+                parts.append({"type": "image_url", "image_url": {"url": url(next(images))}})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        out.append({"role": m["role"], "content": parts if len(parts) != 1 or parts[0]["type"] != "text" else text})
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(stage_run, tmp_path_factory):
+    """recipes/serve.py as a process; at the end it gets SIGTERM and must leave no process behind."""
+    import psutil
+
+    out = tmp_path_factory.mktemp("serve")
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "recipes" / "serve.py"), f"checkpoint={stage_run['final']}", f"port={port}",
+           f"output_dir={out}", f"image_dir={stage_run['eval'] / 'data'}", "log_every_s=1", *ENGINE]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HOME_RL_CONSOLE": "quiet"})
+    deadline = time.monotonic() + 420
+    while not (out / "server.json").is_file():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not start (rc {proc.poll()}):\n{proc.stdout.read()}")
+        time.sleep(1)
+    info = json.loads((out / "server.json").read_text())
+    assert info["url"] == f"http://127.0.0.1:{port}/v1" and info["pid"] == proc.pid
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert any("EngineCore" in c.name() for c in children), [c.name() for c in children]
+    yield {"url": info["url"], "out": out, "proc": proc}
+
+    proc.send_signal(signal.SIGTERM)
+    console = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, console
+    time.sleep(2)
+    alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left behind: {alive}"
+    assert not (out / "server.json").exists()
+    # the console is for people: start-up phases, the URL, summaries, and no library chatter
+    assert "serving 'home' on" in console and "engines: 2 vLLM engines ready" in console
+    assert "serve: " in console  # the periodic summary line
+    assert "INFO" not in console and "vllm" not in console.lower().replace("vllm engines", ""), console
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"], api_key="unused", max_retries=0, timeout=120)
+
+
+def test_router_choices_equal_the_evaluations(client, stage_run):
+    rows = eval_rows(stage_run)
+    assert {r["hybrid"] for r in rows} == {"think", "fast"}  # a router whose choices say something
+    for row in rows:
+        reply = client.chat.completions.create(model="home", messages=chat_messages(row), max_tokens=4,
+                                               temperature=0)
+        home = reply.model_extra["home"]
+        assert home["expert"] == row["hybrid"], (row["id"], row["data_source"], home)
+        assert home["chosen_by"] == "router" and 0 <= home["think_probability"] <= 1
+        assert (home["think_probability"] > 0.5) == (home["expert"] == "think")
+        assert reply.usage.completion_tokens <= 4 and reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_adds_up_to_the_whole_answer(client, stage_run):
+    row = eval_rows(stage_run)[0]
+    ask = dict(model="home", messages=chat_messages(row), max_tokens=12, temperature=0, extra_body={"expert": "think"})
+    whole = client.chat.completions.create(**ask)
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or ""
+                        for c in chunks if c.choices)
+    message = whole.choices[0].message
+    assert content == (message.content or "") and reasoning == (message.model_extra.get("reasoning_content") or "")
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(c.model_extra["home"]["expert"] == "think" for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_forced_expert_skips_the_router(client, server):
+    import httpx
+
+    for expert in ("think", "fast"):
+        reply = client.chat.completions.create(model="home", messages=[{"role": "user", "content": "What is 2 + 3?"}],
+                                               max_tokens=3, extra_body={"expert": expert})
+        assert reply.model_extra["home"] == {"expert": expert, "think_probability": None, "chosen_by": "request"}
+    text = client.completions.create(model="home", prompt="2 + 3 =", max_tokens=3)
+    assert text.model_extra["home"]["chosen_by"] == "router" and text.usage.completion_tokens <= 3
+    assert [m.id for m in client.models.list().data] == ["home"]
+    assert httpx.get(server["url"].removesuffix("/v1") + "/health").json() == {"status": "ok"}
+    scrape = httpx.get(server["url"].removesuffix("/v1") + "/metrics").text
+    for expert in ("think", "fast"):
+        assert f'home_requests_total{{chosen_by="request",expert="{expert}"}} ' in scrape
+        assert f'home_completion_tokens_total{{expert="{expert}"}}' in scrape
+    assert "home_thinking_ratio" in scrape and "home_request_latency_seconds_bucket" in scrape
+    records = [json.loads(line) for line in (server["out"] / "requests.jsonl").read_text().splitlines()]
+    assert {"expert", "forced", "think_probability", "prompt_tokens", "completion_tokens",
+            "latency_s"} <= set(records[0])
+
+
+def test_image_files_under_image_dir(client, stage_run):
+    row = next(r for r in eval_rows(stage_run) if r.get("images"))
+    reply = client.chat.completions.create(model="home", messages=chat_messages(row, as_files=True), max_tokens=2,
+                                           temperature=0)
+    assert reply.model_extra["home"]["expert"] == row["hybrid"]  # the same image as the data URL gave
+
+
+def test_bad_input_is_a_4xx_and_the_server_keeps_serving(client, server, stage_run):
+    import httpx
+    import openai
+
+    url = server["url"] + "/chat/completions"
+    good = {"model": "home", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    not_png = "data:image/png;base64," + base64.b64encode(b"not a png").decode()
+    image = {"type": "image_url", "image_url": {"url": not_png}}
+    cases = [  # (body, status, param)
+        (b"{not json", 400, None),
+        ({**good, "model": "gpt-4"}, 404, "model"),
+        ({**good, "messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),
+        ({**good, "messages": [{"role": "user", "content": [image, {"type": "text", "text": "what?"}]}]}, 400,
+         "messages"),
+        ({**good, "expert": "slow"}, 400, "expert"),
+        ({**good, "max_tokens": 10_000}, 400, "max_tokens"),
+    ]
+    for body, status, param in cases:
+        r = httpx.post(url, content=body if isinstance(body, bytes) else json.dumps(body),
+                       headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == status, (body, r.text)
+        error = r.json()["error"]
+        assert error["param"] == param and error["message"] and error["type"], error
+    assert "context" in httpx.post(url, json=cases[2][0]).json()["error"]["message"]
+    assert "image" in httpx.post(url, json=cases[3][0]).json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=good["messages"])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="home", messages=good["messages"], extra_body={"expert": "both"})
+    assert client.chat.completions.create(**good).choices[0].finish_reason in ("stop", "length")
+    scrape = httpx.get(server["url"].removesuffix("/v1") + "/metrics").text
+    assert 'home_request_errors_total{status="400"}' in scrape
