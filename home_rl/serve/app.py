@@ -122,7 +122,7 @@ class HybridServer:
 
     def _max_tokens(self, request: GenerationRequest, prompt_tokens: int) -> int:
         context = self.cfg.engine.max_model_len
-        param = "messages" if request.kind == "chat" else "prompt"
+        param = request.prompt_param
         if prompt_tokens >= context:
             raise APIError(400, f"the prompt has {prompt_tokens} tokens, and this model's context is {context} tokens "
                                 "(engine.max_model_len): shorten the prompt", param, "context_length_exceeded")
@@ -153,8 +153,8 @@ class HybridServer:
                 yield delta
         except VLLMValidationError as e:  # counted where the error is answered
             self.metrics.abandoned(p.expert)
-            raise APIError(400, f"{'messages' if p.request.kind == 'chat' else 'prompt'}: {e}",
-                           "messages" if p.request.kind == "chat" else "prompt") from None
+            param = p.request.prompt_param
+            raise APIError(400, f"{param}: {e}", param) from None
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.failed(499, p.expert)  # the client went away: the engine aborted the request
             raise

@@ -4,7 +4,7 @@
 stay out of it). Every finished request is also one line of output_dir/requests.jsonl, and while
 requests come a summary line goes to the log every `log_every_s` seconds:
 
-    serve: 24 requests in 30 s (0.8/s), thinking 42%; think 10 (88.1 tokens, p50 2.31 s), fast 14 (9.4 tokens, p50 0.41 s)
+    serve: 3 requests in 5 s (0.6/s), thinking 67%; fast 1 (12.0 tokens, p50 0.84 s), think 2 (31.5 tokens, p50 1.93 s)
 """
 from __future__ import annotations
 

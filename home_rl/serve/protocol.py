@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from home_rl.experts import EXPERTS
+from reward.verifiers.extract import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN  # the verifiers' template
 
 AUTO = "auto"
 EXPERT_CHOICES = (AUTO, *EXPERTS)
 ROLES = ("system", "user", "assistant")
-THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 
 
 class APIError(Exception):
@@ -65,6 +65,11 @@ class GenerationRequest:
     images: list[Any] = dataclasses.field(default_factory=list)  # chat: image bytes or file paths, in marker order
     prompt: Optional[str] = None  # completion: the prompt text (sent as it is, no chat template)
     prompt_token_ids: Optional[list[int]] = None  # completion: the prompt as token ids
+
+    @property
+    def prompt_param(self) -> str:
+        """The body field that holds the prompt, as errors about it name it."""
+        return "messages" if self.kind == "chat" else "prompt"
 
 
 def parse_request(body: Any, kind: str, image_dir: str = "") -> GenerationRequest:

@@ -62,7 +62,7 @@ def serve(cfg: ServeConfig) -> None:
                               ServeMetrics(out / "requests.jsonl", cfg.log_every_s))
         sock = _bind(cfg.host, cfg.port)
         url = f"http://{cfg.host}:{sock.getsockname()[1]}/v1"
-        (out / "server.json").write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+        _announce(out, url)
         log.info("serving %r on %s (Ctrl-C stops)", cfg.served_model_name, url)
         try:
             uvicorn.Server(uvicorn.Config(build_app(server), log_config=None, access_log=False)).run(sockets=[sock])
@@ -96,7 +96,7 @@ def _serve_on_ray(cfg: ServeConfig, checkpoint: Path, out: Path) -> None:
         url = run_on_ray(cfg, str(checkpoint), views, env)
         console.phase_done("ray serve", f"application {r.app_name!r}: ingress and {len(EXPERTS)} view deployments",
                            start)
-        (out / "server.json").write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+        _announce(out, url)
         log.info("serving %r on %s through Ray Serve (Ctrl-C stops)", cfg.served_model_name, url)
         threading.Event().wait()  # until SIGINT / SIGTERM (run_recipe turns SIGTERM into SystemExit)
     finally:
@@ -104,6 +104,11 @@ def _serve_on_ray(cfg: ServeConfig, checkpoint: Path, out: Path) -> None:
         ray_serve.delete(r.app_name)
         ray_serve.shutdown()
         log.info("server stopped")
+
+
+def _announce(out: Path, url: str) -> None:
+    """output_dir/server.json while the server runs: where it listens, and its pid."""
+    (out / "server.json").write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
 
 
 def _bind(host: str, port: int) -> socket.socket:
