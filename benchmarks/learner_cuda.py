@@ -74,19 +74,22 @@ class DirectGroup:
     def call(self, fn):
         return fn(self.worker)
 
-    def _num_micro(self, batch):
-        return -(-len(batch) // self.cfg.micro_batch_size)
+    def _plan(self, batch):
+        from home_rl.learner.plan import plan_micro_batches
+
+        plan = plan_micro_batches(batch, self.cfg.micro_batch_size)
+        return plan, len(plan)
 
     def train_step(self, batch):
         start = time.perf_counter()
         totals = {"tokens": sum(s.num_loss_tokens for s in batch), "sequences": len(batch), "labelled": 0}
-        m = self.worker.train_step(batch, self._num_micro(batch), totals, "sft")
+        m = self.worker.train_step(batch, *self._plan(batch), totals, "sft")
         elapsed = time.perf_counter() - start
         tokens = sum(len(s) for s in batch)
         return {**m, "step_s": elapsed, "tokens": tokens, "tokens_per_s": tokens / elapsed}
 
     def logits(self, batch):
-        return self.worker.logits(batch, self._num_micro(batch))
+        return self.worker.logits(batch, *self._plan(batch))
 
     def iter_weights(self, view=None, only_trainable=False):
         for names in self.worker.weight_chunks(view, only_trainable):
@@ -261,7 +264,8 @@ def big_run(mode: str, home_dir: Path, vocab: int, n_seq: int, prompt: int, resp
 
 def plain_torch_run(home_dir: Path, batch: list[Sequence], micro: int, steps: int) -> dict:
     """The compute floor: the same think-only step in plain torch (bf16 weights, no DeepSpeed)."""
-    from home_rl.learner.batch import collate, micro_batches
+    from home_rl.learner.batch import collate
+    from home_rl.learner.plan import plan_micro_batches
     from home_rl.learner.losses import resolve_loss, LossInputs, token_log_probs
     from home_rl.model import HomeModel
 
@@ -276,7 +280,8 @@ def plain_torch_run(home_dir: Path, batch: list[Sequence], micro: int, steps: in
     for step in range(steps + 1):
         sync()
         t0 = time.perf_counter()
-        for _, seqs in micro_batches(batch, micro, -(-len(batch) // micro)):
+        for rows in plan_micro_batches(batch, micro):
+            seqs = [batch[i] for row in rows for i in row]
             mb = collate(seqs, pad_id=0).to(torch.device("cuda"))
             inputs = mb.model_inputs()
             inputs["route"] = mb.routes if mb.routes is not None else "think"

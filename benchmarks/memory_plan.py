@@ -1,4 +1,4 @@
-"""Predicted vs measured peak memory on this machine (home_rl/memory_plan.py); prints one JSON object.
+"""Predicted vs measured peak memory on this machine (home_rl/memory_plan/); prints one JSON object.
 
     flock /tmp/heavy.lock python benchmarks/memory_plan.py                 # every case
     flock /tmp/heavy.lock python benchmarks/memory_plan.py --cases grpo_micro4 rollout
@@ -106,7 +106,7 @@ def measure_learners(cfg, model_dir: str, response: int, loss) -> dict:
 
 def measure_rollout(cfg, home_dir) -> dict:
     from home_rl.rollout import RolloutPool
-    from home_rl.trainer.grpo_think import export_think_view
+    from home_rl.trainer.rollout_side import export_think_view
 
     start = time.perf_counter()
     view = export_think_view(home_dir, Path(cfg.output_dir))
@@ -144,10 +144,10 @@ def measure_baseline() -> dict:
     return {"measured_gib": round(status["VmHWM"], 3)}
 
 
-def predicted(recipe: str, cfg, role: str):
+def predicted(cfg, role: str):
     from home_rl.memory_plan import plan_for_config
 
-    plan = plan_for_config(cfg, recipe=recipe)  # this machine, as the recipe plans it
+    plan = plan_for_config(cfg)  # this machine, as the recipe plans it
     actor = next(a for a in plan.actors if a.role == role)
     actor.stage = plan.zero_stage
     return actor
@@ -198,8 +198,8 @@ def main() -> None:
         role = "rollout" if name == "rollout" else "learner"
         if name in measured and "zero_stage" in measured[name]:
             cfg.learner.zero_stage = measured[name]["zero_stage"]  # the stage it was measured at
-        actor = predicted(recipe, cfg, role)
-        if cfg.learner.zero_stage == "auto":  # as the recipe's check resolves it
+        actor = predicted(cfg, role)
+        if cfg.learner.zero_stage == "auto":  # the plan's stage, as the recipe's start-up check records it
             cfg.learner.zero_stage = actor.stage
         if name in measured:
             got = {k: v for k, v in measured[name].items() if k not in ("case", "predicted_gib", "parts", "error")}

@@ -153,9 +153,11 @@ def main() -> None:
     fp32_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     fp32 = logprob_agreement(subset, recompute_logprobs(fp32_model, subset, pad_token_id=tokenizer.pad_token_id))
     del fp32_model
-    report.update({"logprob_bf16_vs_hf_bf16_max_abs": bf16["max_abs_diff"], "logprob_bf16_vs_hf_bf16_mean_abs": bf16["mean_abs_diff"],
-                   "logprob_bf16_vs_hf_fp32_max_abs": fp32["max_abs_diff"], "logprob_bf16_vs_hf_fp32_mean_abs": fp32["mean_abs_diff"],
-                   "logprob_tokens": bf16["tokens"]})
+    for name, stats in (("hf_bf16", bf16), ("hf_fp32", fp32)):
+        report.update({f"logprob_bf16_vs_{name}_max_abs": stats["rollout/logprob_diff_max"],
+                       f"logprob_bf16_vs_{name}_mean_abs": stats["rollout/logprob_diff_mean"],
+                       f"logprob_bf16_vs_{name}_pearson": stats["rollout/logprob_pearson"]})
+    report["logprob_tokens"] = bf16["tokens"]
     pool.shutdown()
 
     progress(report)

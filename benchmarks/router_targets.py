@@ -29,7 +29,8 @@ from home_rl.experts import THINK
 from home_rl.router.config import RouterTrainConfig
 from home_rl.router.features import router_inputs
 from home_rl.router.labels import ExpertStats, net_gains, read_labels, relabel
-from home_rl.router.trainer import RouterTrainer, fit_router
+from home_rl.router.actor import HomeModelActor
+from home_rl.router.trainer import fit_router
 from home_rl.trainer.evaluate import ALL, group_keys, summarize_policy
 from home_rl.trainer.router_stage import prompt_kinds
 from home_rl.trainer.startup import load_processor
@@ -69,7 +70,7 @@ def main(router_dir: Path, eval_dir: Path, seeds: int, knobs: Optional[tuple[flo
          settings: Optional[dict] = None) -> dict:
     checkpoint = router_dir / "final"
     processor = load_processor(checkpoint)
-    trainer = RouterTrainer(str(checkpoint), threads=2)
+    trainer = HomeModelActor(str(checkpoint), threads=2)
     records = read_labels(router_dir / "labels.jsonl")
     if knobs is not None:
         records = [relabel(r, *knobs) for r in records]

@@ -38,26 +38,27 @@ def home_rl_side(steps: int, out: Path, overrides: list[str]) -> dict:
     from data_pipelines.render import render_prompt
     from home_rl.config import load_config
     from home_rl.experts import THINK
-    from home_rl.trainer.grpo_think import GRPOThinkConfig, GRPOThinkTrainer, export_think_view
+    from home_rl.trainer.grpo_think import GRPOThinkConfig, GRPOThinkTrainer
+    from home_rl.trainer.rollout_side import export_think_view
 
     cfg = load_config(GRPOThinkConfig, [f"trainer.total_steps={steps}", "trainer.save_every=0", "trainer.resume=never",
                                         "algorithm.filter_zero_variance=false", "eval.rows=0",
                                         f"output_dir={out / 'home_rl'}", *overrides])
     trainer = GRPOThinkTrainer(cfg)
     drawn: list[dict] = []
-    next_batch = trainer.loader.next_batch
+    next_batch = trainer.rollout.loader.next_batch
 
     def recording():
         rows = next_batch()
         drawn.extend(rows)
         return rows
 
-    trainer.loader.next_batch = recording
+    trainer.rollout.loader.next_batch = recording
     metrics = []
     try:
         while trainer.step < steps:
             metrics.append(trainer.train_step())
-        prompts = [{"prompt": render_prompt(row, THINK, trainer.processor, cfg.data).text, "answer": row["answer"],
+        prompts = [{"prompt": render_prompt(row, THINK, trainer.rollout.processor, cfg.data).text, "answer": row["answer"],
                     "data_source": row["data_source"], "extra_info": row.get("extra_info") or {}} for row in drawn]
         model = export_think_view(trainer.home_dir, trainer.out)
     finally:

@@ -12,7 +12,7 @@ class DataConfig:
     answer_key: str = ""  # the answer column (dotted; "": answer, else reward_model.ground_truth, extra_info.answer, solution), e.g. label
     prompts_per_step: int = 16  # prompts per training step (each is sampled rollout.n times)
     on_bad_row: str = "error"  # error: stop before training, naming the row, file and reason | skip: drop the row, count it, log the first few
-    max_prompt_tokens: int = 1024  # longest allowed prompt in tokens, image tokens included; longer rows are bad rows
+    max_prompt_tokens: int = 1024  # longest allowed prompt in tokens, image tokens included; longer rows are bad rows (unset: lowered to fit the model's context beside the response limit)
     max_rows: Optional[int] = None  # use only the first N rows of the file (None: all of them)
     shuffle: bool = True  # new order every epoch, a fixed permutation of (seed, epoch)
     stratify_by: str = ""  # a row field (dotted: extra_info.steps, data_source) whose values every batch holds in equal shares ("": plain shuffling)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 from home_rl.errors import HomeRLError
 
@@ -42,7 +42,7 @@ class ClusterResourceError(HomeRLError):
 @dataclasses.dataclass
 class ClusterConfig:
     mode: str = "disaggregated"  # disaggregated: rollout workers and learners on their own GPUs | colocated: rollout worker i shares learner i's GPU, its engine sleeping during updates (CUDA)
-    check_memory: bool = True  # refuse a job whose predicted peak memory (home_rl/memory_plan.py) exceeds what an actor gets, before any actor starts; false skips it (lengths are still checked)
+    check_memory: bool = True  # refuse a job whose predicted peak memory (home_rl/memory_plan/) exceeds what an actor gets, before any actor starts; false skips it (lengths are still checked)
     resource_wait_s: float = 10.0  # wait this long for missing resources (autoscaling clusters: raise to a node's start time) before failing with what is missing
 
     CHOICES: ClassVar[dict] = {"mode": ("disaggregated", "colocated")}
@@ -93,15 +93,32 @@ def shortage(bundles: list[Bundle], nodes: list[dict[str, float]]) -> Optional[s
             missing.append(f"{key}: {amount:g} needed, the cluster has {have[key]:g}{cpu_hint}")
     if missing:
         return "missing " + "; ".join(missing)
-    free = [dict(n) for n in nodes]
-    for b in sorted(bundles, key=lambda b: (-b.resources.get("GPU", 0), -b.resources.get("CPU", 0))):
-        node = next((n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in b.resources.items())), None)
+    largest_first = sorted(bundles, key=lambda b: (-b.resources.get("GPU", 0), -b.resources.get("CPU", 0)))
+    for b, node in zip(largest_first, first_fit([b.resources for b in largest_first], nodes)):
         if node is None:
             return (f"no node has room for {b.owner} ({_fmt(b.resources)}) once the others are placed; "
                     f"nodes: {'; '.join(_fmt(n) for n in nodes)}")
-        for k, v in b.resources.items():
-            node[k] -= v
     return None
+
+
+def first_fit(demands: Sequence[dict[str, float]], nodes: Sequence[dict[str, float]],
+              fallback: Optional[int] = None) -> list[Optional[int]]:
+    """Where each demand goes, in the order given: the index of the first node with room left for all of it (which
+    it then takes from that node). One that fits nowhere goes to node `fallback`, taking what it asks there all the
+    same (below zero), or with fallback None nowhere (None). The one placement rule of the resource check (shortage:
+    largest bundles first, nothing overcommitted) and of the memory plan (home_rl/memory_plan/plan.py: the groups in
+    the order they start, what no node has room for counted on the driver's node)."""
+    free = [dict(n) for n in nodes]
+    out: list[Optional[int]] = []
+    for demand in demands:
+        # 1e-9: fractional resources (a colocated bundle's half GPU, labels of 0.001) add up with rounding errors
+        i = next((k for k, node in enumerate(free) if all(node.get(key, 0.0) + 1e-9 >= amount
+                                                           for key, amount in demand.items())), fallback)
+        if i is not None:
+            for key, amount in demand.items():
+                free[i][key] = free[i].get(key, 0.0) - amount
+        out.append(i)
+    return out
 
 
 def check_resources(bundles: list[Bundle], wait_s: float) -> None:

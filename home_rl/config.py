@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-import logging
 import re
 import sys
 import typing
@@ -23,7 +22,6 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from home_rl.errors import ConfigError
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- shared sections
@@ -72,6 +70,7 @@ def load_config(schema: type[T], argv: Optional[list[str]] = None, prog: Optiona
             raise ConfigError(f"unexpected argument {arg!r}: use --config FILE.yaml and key.sub=value overrides (--help lists keys)")
 
     cfg = OmegaConf.structured(schema)
+    given: set[str] = set()  # the keys the user set: a derived setting they gave is kept (or refused), not derived
     for f in files:
         path = Path(f)
         if not path.is_file():
@@ -81,22 +80,26 @@ def load_config(schema: type[T], argv: Optional[list[str]] = None, prog: Optiona
         except Exception as e:  # YAML syntax errors
             raise ConfigError(f"cannot parse config file {f}: {e}") from None
         cfg = _merge(cfg, loaded, schema, source=str(f))
+        given.update(_leaf_keys(OmegaConf.to_container(loaded)))
     if overrides:
         try:
             dotlist = OmegaConf.from_dotlist(overrides)
         except OmegaConfBaseException as e:
             raise ConfigError(f"cannot parse overrides {overrides}: {e}") from None
         cfg = _merge(cfg, dotlist, schema, source="command line")
+        given.update(_leaf_keys(OmegaConf.to_container(dotlist)))
     obj = OmegaConf.to_object(cfg)
     check_choices(obj)
-    return resolved(obj)
+    return resolved(obj, frozenset(k for k in given if k))
 
 
-def resolved(cfg: T) -> T:
-    """`cfg` with its derived settings filled in, for configs that define `resolve()` (where they are derived
-    is where the config is loaded, so that config.yaml and --help show what runs)."""
+def resolved(cfg: T, given: frozenset[str] = frozenset()) -> T:
+    """`cfg` with its derived settings filled in, for configs that define `resolve(given)` (where they are derived
+    is where the config is loaded, so that config.yaml and --help show what runs). `given`: the dotted keys the
+    config files and overrides set (empty for a config built in code), e.g. lengths the user set are not lowered
+    to fit the model (home_rl/context_length.py)."""
     resolve = getattr(cfg, "resolve", None)
-    return resolve() if callable(resolve) else cfg
+    return resolve(given) if callable(resolve) else cfg
 
 
 def _fail(msg: str):
@@ -104,7 +107,6 @@ def _fail(msg: str):
 
 
 def _merge(cfg, other, schema: type, source: str):
-    other = OmegaConf.create(_move_keys(OmegaConf.to_container(other), schema, source))
     try:
         return OmegaConf.merge(cfg, other)
     except ConfigKeyError as e:
@@ -118,26 +120,6 @@ def _merge(cfg, other, schema: type, source: str):
         expected = _field_type_name(schema, key)
         raise ConfigError(f"bad value for {key!r} (from {source}): {e.msg.splitlines()[0]}"
                           + (f"; expected {expected}" if expected else "")) from None
-
-
-def _move_keys(node: Any, schema: type, source: str, prefix: str = "") -> Any:
-    """Keys that moved (a section's `MOVED` class variable: old name -> new dotted name) read as their new
-    place, with a warning that names both, so configs written for an earlier layout keep working."""
-    if not isinstance(node, dict) or not dataclasses.is_dataclass(schema):
-        return node
-    for old, new in getattr(schema, "MOVED", {}).items():
-        if old in node:
-            log.warning("config key %r (from %s) is now %r: read as that", prefix + old, source, prefix + new)
-            *parents, leaf = new.split(".")
-            target = node
-            for part in parents:
-                target = target.setdefault(part, {})
-            target[leaf] = node.pop(old)
-    hints = typing.get_type_hints(schema)
-    for f in dataclasses.fields(schema):
-        if f.name in node:
-            node[f.name] = _move_keys(node[f.name], hints.get(f.name, f.type), source, f"{prefix}{f.name}.")
-    return node
 
 
 def _leaf_keys(node: Any, prefix: str = "") -> list[str]:

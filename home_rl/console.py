@@ -5,7 +5,7 @@
 warnings, and errors as one line naming the log file that holds the traceback. Everything else
 goes to files under output_dir/logs/: the driver's library logging to driver.log, and each actor's
 whole stdout and stderr (vLLM, DeepSpeed, Ray, transformers, C-level output too) to its own file
-(learner-0.log, rollout-0.log, reward-0.log, router-trainer.log). `trainer.console=full` (or
+(learner-0.log, rollout-0.log, reward-0.log, home-model.log). `trainer.console=full` (or
 HOME_RL_CONSOLE=full) prints everything to the console as before.
 
     log_dir = setup(cfg.output_dir, "quiet")       # the driver, once its config is known (home_rl/cli.py)

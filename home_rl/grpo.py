@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from home_rl.errors import ConfigError
+from home_rl.rollout.agreement import agreement_sums
 
 POLICY_LOSSES = ("vanilla", "gspo", "clip_cov", "kl_cov", "geo_mean", "gpg", "cispo", "sapo")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -61,14 +62,6 @@ def group_advantages(rewards: Sequence[float], group_ids: Sequence[int], norm_by
     return adv[:, 0].numpy()
 
 
-def zero_variance_groups(rewards: Sequence[float], group_ids: Sequence[int]) -> set[int]:
-    """Groups whose rewards are all equal: their advantages are 0, so they teach nothing."""
-    by_group: dict[int, set[float]] = {}
-    for r, g in zip(rewards, group_ids):
-        by_group.setdefault(g, set()).add(float(r))
-    return {g for g, values in by_group.items() if len(values) == 1}
-
-
 @dataclasses.dataclass
 class GRPOLoss:
     """The learner's loss for one micro-batch: policy loss + kl_coef * KL - entropy_coef * entropy."""
@@ -113,6 +106,8 @@ class GRPOLoss:
         metrics = {"pg_loss": float(pg_loss.detach()),
                    "clip_frac": pg_metrics.get("actor/pg_clipfrac", 0.0) * weight,
                    "ppo_kl": pg_metrics.get("actor/ppo_kl", 0.0) * weight, **is_metrics}
+        if "rollout_log_probs" in x.token_data:  # the driver reads them off the step's first update call
+            metrics.update(agreement_sums(x.log_probs, x.token_data["rollout_log_probs"], mask))
         if cfg.kl_coef > 0:
             kl = kl_penalty(x.log_probs, x.token_data["ref_log_probs"].to(x.log_probs.dtype), cfg.kl_estimator)
             kl_loss = agg_loss(kl, mask, cfg.loss_agg_mode, **counts)

@@ -3,7 +3,7 @@
     learner:  {resources: {cpus: 4, node_resource: learner}}
     rollout:  {resources: {cpus: 4, gpus: 2, node_resource: rollout}}
     reward:   {resources: {cpus: 1}}
-    actor:    {resources: {cpus: 2, gpus: 1}}        # the router stage's trainer actor
+    actor:    {resources: {cpus: 2, gpus: 1}}        # the router stage's HomeModelActor
 
 Node types are marked with custom Ray resources (`ray start --resources '{"rollout": 1}'`). An actor
 whose section names one asks for a sliver of it (LABEL_SHARE): it runs only on such nodes, while
@@ -16,6 +16,7 @@ from typing import Any
 
 from home_rl.errors import ConfigError
 
+CPU_BF16_ENV = "HOME_RL_CPU_BF16"  # "0": treat this CPU as one without bfloat16 (learners and engines in float32)
 LABEL_SHARE = 0.001  # how much of its node label resource an actor asks for (a label, not a count)
 
 
@@ -78,9 +79,13 @@ def bf16_supported(device: Any) -> bool:
     """Whether `device` (a torch.device) computes in bfloat16 natively. A CPU without AVX-512-BF16 or AMX
     emulates it: its learners train and its vLLM engines decode in float32 instead (vLLM's CPU engine
     decoded 3x slower in bfloat16 than in float32 on such a CPU)."""
+    import os
+
     import torch
 
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    if os.environ.get(CPU_BF16_ENV) == "0":  # run as a CPU without bfloat16 does, on one that has it
+        return False
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())

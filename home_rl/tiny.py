@@ -52,15 +52,16 @@ def build_tokenizer(vocab_size: int = 640) -> transformers.PreTrainedTokenizerFa
     return fast
 
 
-def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, num_layers: int = 2) -> Path:
-    """Write a tiny random `arch` model (fp32) with tokenizer (and processor for VL) to out_dir."""
+def build_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, num_layers: int = 2, context: int = 2048) -> Path:
+    """Write a tiny random `arch` model (fp32) with tokenizer (and processor for VL) to out_dir; `context`: its
+    max_position_embeddings."""
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny architecture {arch!r}; choose from {ARCHS}")
     out = Path(out_dir)
     tok = build_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=context,
                 initializer_range=0.1,  # peaky logits: greedy decoding is not decided by rounding noise
                 bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     torch.manual_seed(seed)

@@ -23,7 +23,7 @@ class MetricsLogger:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / "metrics.jsonl"
-        self._truncate_after(resume_step)
+        truncate_jsonl(self.path, resume_step)
         self.file = self.path.open("a", encoding="utf-8")
         self.writer = None
         if tensorboard:
@@ -33,18 +33,6 @@ class MetricsLogger:
                 self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
             except ImportError:
                 log.warning("tensorboard is not installed: metrics go to %s only", self.path)
-
-    def _truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line cut off by a kill
-                continue
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -59,6 +47,22 @@ class MetricsLogger:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of a per-step JSONL file (metrics.jsonl, eval.jsonl) up to `step`: a resumed run drops what
+    the killed run wrote after its checkpoint, and a last line cut off by the kill."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a kill
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 class PhaseTimer:

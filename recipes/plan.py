@@ -23,19 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 RECIPES = ("grpo_think", "sft", "train_router", "evaluate")
 
 
-def schema_of(recipe: str) -> tuple[type, str]:
-    """The recipe's config class and the plan's name for its shape."""
+def schema_of(recipe: str) -> type:
+    """The recipe's config class: its memory_run() says what the recipe runs."""
     if recipe == "grpo_think":
         from home_rl.trainer.grpo_config import GRPOThinkConfig
 
-        return GRPOThinkConfig, "grpo_think"
+        return GRPOThinkConfig
     if recipe == "sft":
         from home_rl.trainer.sft import SFTConfig
 
-        return SFTConfig, "sft"
+        return SFTConfig
     from home_rl.router.config import EvaluateConfig, RouterStageConfig
 
-    return (RouterStageConfig if recipe == "train_router" else EvaluateConfig), "router"
+    return RouterStageConfig if recipe == "train_router" else EvaluateConfig
 
 
 def main(argv: list[str]) -> int:
@@ -54,8 +54,7 @@ def main(argv: list[str]) -> int:
     from home_rl import memory_plan
 
     try:
-        schema, shape = schema_of(args.recipe)
-        cfg = load_config(schema, rest, prog="recipes/plan.py")
+        cfg = load_config(schema_of(args.recipe), rest, prog="recipes/plan.py")
         if args.nodes:
             cluster = memory_plan.described_cluster(args.nodes, args.gpus_per_node, args.gpu_gib, args.host_gib)
         elif os.environ.get("RAY_ADDRESS"):
@@ -65,7 +64,7 @@ def main(argv: list[str]) -> int:
             cluster = memory_plan.ray_cluster(args.gpu_gib)
         else:
             cluster = memory_plan.local_cluster()
-        result = memory_plan.plan_for_config(cfg, shape, cluster)
+        result = memory_plan.plan_for_config(cfg, cluster=cluster)
     except HomeRLError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

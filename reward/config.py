@@ -74,7 +74,6 @@ class RewardConfig:
     sources: Dict[str, List[VerifierEntry]] = dataclasses.field(default_factory=default_sources)  # data_source -> weighted verifiers
 
     CHOICES: ClassVar[dict] = {"ocr_metric": ("exact", "anls")}
-    MOVED: ClassVar[dict] = {"cpus_per_worker": "resources.cpus", "node_resource": "resources.node_resource"}
 
     def __post_init__(self):
         # OmegaConf 2.3 leaves the entries of a *new* sources key as plain dicts: make them VerifierEntry.

@@ -60,8 +60,8 @@ def main(home: str, out: str) -> None:
         trainer = GRPOThinkTrainer(cfg)
         try:
             report["resumed_at"] = trainer.step
-            victim = trainer.rollout.info[1]["pid"]
-            generate = trainer.rollout.generate
+            victim = trainer.rollout.pool.info[1]["pid"]
+            generate = trainer.rollout.pool.generate
 
             def generate_and_lose_a_worker(*args, **kwargs):  # a real SIGKILL while the first rollout runs
                 if not report.get("killed"):
@@ -69,14 +69,15 @@ def main(home: str, out: str) -> None:
                     threading.Timer(0.2, os.kill, (victim, signal.SIGKILL)).start()
                 return generate(*args, **kwargs)
 
-            trainer.rollout.generate = generate_and_lose_a_worker
+            trainer.rollout.pool.generate = generate_and_lose_a_worker
             report["second"] = actor_nodes()
             trainer.run()
-            report["rollout_pids"] = [info["pid"] for info in trainer.rollout.info]
+            report["rollout_pids"] = [info["pid"] for info in trainer.rollout.pool.info]
             report["victim"] = victim
         finally:
             trainer.shutdown()
-        report["metrics"] = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        report["metrics"] = [m for m in map(json.loads, (Path(out) / "metrics.jsonl").read_text().splitlines())
+                             if m["step"] > 0]  # step 0: the learnability check
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -36,12 +36,14 @@ def grpo_config(home: Path, out: Path, data: Path, sources: dict, steps: int, pr
     cfg.algorithm.kl_coef = 0.0  # no reference pass: these runs are about rewards
     cfg.algorithm.filter_zero_variance = False  # constant rewards make every group zero-variance: train anyway
     cfg.trainer.total_steps, cfg.trainer.save_every, cfg.trainer.log_every = steps, 1, 1
+    cfg.trainer.learnability_check = False  # the steps alone score: the tests count what reached the verifiers
     cfg.eval.rows = 0
     return cfg
 
 
 def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The steps' metrics (step 0, the learnability check before the first step, left out)."""
+    return [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["step"] > 0]
 
 
 class RewardServer:

@@ -76,11 +76,10 @@ def test_the_job_cli_fails_before_any_actor_starts_on_missing_resources(tiny_hom
     home = tiny_home("qwen2")
     proc = subprocess.run([sys.executable, str(REPO / "recipes/grpo_think.py"), f"model.path={home}",
                            f"output_dir={tmp_path / 'run'}", "synthetic_rows=8", "data.prompts_per_step=4",
-                           "rollout.gpus_per_worker=8"],
+                           "rollout.resources.gpus=8"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "GPU: no node has it" in proc.stderr and "rollout.resources.gpus" in proc.stderr
-    assert "'rollout.gpus_per_worker' (from command line) is now 'rollout.resources.gpus'" in proc.stderr  # old key
     assert "waited 10 s: cluster.resource_wait_s" in proc.stderr
     assert "Traceback" not in proc.stderr
     # the rollout pool exports the think view before its engines start: the check came first

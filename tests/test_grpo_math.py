@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from home_rl.grpo import GRPOConfig, GRPOLoss, group_advantages, zero_variance_groups
+from home_rl.grpo import GRPOConfig, GRPOLoss, group_advantages
 from home_rl.learner.losses import LossInputs
+from home_rl.trainer.groups import ScoredGroup
 
 REWARDS = [1, 0, 0, 1, 1, 1, 1, 0]
 GROUPS = [0, 0, 0, 0, 1, 1, 1, 1]
@@ -23,7 +24,8 @@ def test_advantages_by_hand():
                        [0.5, -0.5, -0.5, 0.5, 0.25, 0.25, 0.25, -0.75], atol=1e-6)
     # a group with one reward for all gets 0 advantages and is reported as zero-variance
     assert np.allclose(group_advantages([1, 1, 0, 1], [0, 0, 1, 1])[:2], 0.0)
-    assert zero_variance_groups([1, 1, 0, 1], [0, 0, 1, 1]) == {0}
+    groups = [ScoredGroup({}, None, [], [{"score": r} for r in rewards]) for rewards in ([1, 1], [0, 1])]
+    assert [g.zero_variance for g in groups] == [True, False]
 
 
 def _batch(log_ratio: float, kl_offset: float):

@@ -33,6 +33,8 @@ RISE_STEPS = 20
 RISE_SETTINGS = dict(data__prompts_per_step=16, rollout__max_response_tokens=1, learner__lr=0.02,
                      algorithm__kl_coef=0.0, trainer__save_every=0, eval__rows=8, eval__n=8)
 RISE_MARGIN = 0.2
+# The shared 3-step run samples below temperature 1: the learners must compute the tempered policy that sampled.
+RUN_SETTINGS = dict(rollout__temperature=0.7)
 
 
 def tiny_config(home: Path, out: Path, steps: int, **overrides) -> GRPOThinkConfig:
@@ -56,8 +58,10 @@ def tiny_config(home: Path, out: Path, steps: int, **overrides) -> GRPOThinkConf
     return cfg
 
 
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(out: Path, step_0: bool = False) -> list[dict]:
+    """The steps' metrics (with `step_0`, also what was measured before the first step)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if step_0 or r["step"] > 0]
 
 
 def read_rollouts(out: Path, step: int) -> list[dict]:
@@ -86,7 +90,7 @@ def run(tiny_home, ray_local, tmp_path_factory):
     """One 3-step run on the tiny text model; the tests below each check one thing it did (it runs once)."""
     home = tiny_home("qwen2")
     out = tmp_path_factory.mktemp("grpo") / "run"
-    cfg = tiny_config(home, out, steps=3)
+    cfg = tiny_config(home, out, steps=3, **RUN_SETTINGS)
     final = Path(train(cfg))
     return SimpleNamespace(home=home, out=out, final=final, cfg=cfg, metrics=read_metrics(out))
 
@@ -132,6 +136,23 @@ def test_each_step_logs_metrics_that_agree_with_its_rollouts(run):
     assert kls[0] == pytest.approx(0, abs=1e-6) and min(kls[1:]) > 1e-4, kls
 
 
+def test_learner_log_probs_match_the_engines_at_the_sampling_temperature(run):
+    """Every step compares the learner's log-probs of the sampled tokens (before its update, at
+    rollout.temperature) with the engine's log-probs of the distribution it sampled from."""
+    assert run.cfg.rollout.temperature == 0.7 and run.cfg.rollout.logprobs_mode == "processed_logprobs"
+    for m in run.metrics:
+        assert m["rollout/logprob_diff_mean"] <= 1e-3, m
+        assert m["rollout/logprob_pearson"] >= 0.999, m
+        assert m["rollout/logprob_diff_mean"] <= m["rollout/logprob_diff_max"] <= 1e-2, m
+
+
+def test_the_starting_policy_is_measured_before_the_first_step(run):
+    first = read_metrics(run.out, step_0=True)[0]
+    assert first["step"] == 0 and first["learnability/prompts"] == 16 and first["learnability/n"] == run.cfg.rollout.n
+    assert 0 <= first["learnability/alike_share"] <= 1 and first["learnability/entropy"] > 0
+    assert first["learnability/pass_at_1"] <= first["learnability/pass_at_n"]
+
+
 def test_the_run_writes_a_config_that_loads_again_plots_and_tensorboard(run):
     from home_rl.config import load_config
 
@@ -175,7 +196,10 @@ def test_a_resumed_run_repeats_the_uninterrupted_steps_exactly(run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(run.out, out)
     shutil.rmtree(out / "checkpoints" / "step_00000002")
-    train(tiny_config(run.home, out, steps=3, trainer__resume="auto"))
+    for name in ("metrics.jsonl", "eval.jsonl"):  # the kill cut a line in half
+        with open(out / name, "a") as f:
+            f.write('{"step": 3, "eval/accuracy": 0.')
+    train(tiny_config(run.home, out, steps=3, trainer__resume="auto", **RUN_SETTINGS))
     resumed = read_metrics(out)
     assert [m["step"] for m in resumed] == [1, 2, 3]  # continued after step 1, no duplicate lines
     assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [0, 3]

@@ -11,10 +11,12 @@ import pytest
 import torch
 import transformers
 
-from home_rl.errors import ConfigError
+from home_rl.errors import ConfigError, ray_get
 from home_rl.learner import LearnerConfig, LearnerGroup, Sequence
-from home_rl.learner.batch import collate, micro_batches, plan_micro_batches, split_for_ranks
+from home_rl.learner.batch import collate
+from home_rl.learner.plan import check_plan, micro_batches, plan_micro_batches, split_for_ranks
 from home_rl.learner.config import trainable_patterns
+from home_rl.learner.worker import MicroBatchPlanError
 from home_rl.learner.losses import token_log_probs
 from home_rl.learner.optim import WarmupSchedule, param_groups, select_trainable
 
@@ -99,7 +101,8 @@ def test_split_and_micro_batches_keep_every_sequence_once():
     batch = make_batch(11, seed=2)
     shards = split_for_ranks(batch, 3)
     assert sorted(i for s in shards for i in s) == list(range(11))
-    chunks = micro_batches([batch[i] for i in shards[0]], micro_batch_size=2, count=4)
+    shard = [batch[i] for i in shards[0]]
+    chunks = micro_batches(shard, plan_micro_batches(shard, 2), count=4)
     assert len(chunks) == 4  # filled up with masked-out copies so that every rank runs the same passes
     real = [i for mb in chunks for i in mb.indices]
     assert sorted(real) == list(range(len(shards[0])))
@@ -107,6 +110,20 @@ def test_split_and_micro_batches_keep_every_sequence_once():
     assert fillers and all(s.num_loss_tokens == 0 for seqs in fillers for s in seqs)
     with pytest.raises(ValueError, match="cannot be split"):
         split_for_ranks(batch[:2], 3)
+
+
+def test_plan_check_names_what_disagrees_with_the_shard():
+    shard = make_batch(7, seed=4, prompts=3)
+    plan = plan_micro_batches(shard, 3)
+    assert check_plan(shard, plan, len(plan), 3) is None
+    assert "missing [6]" in check_plan(shard[:7], plan_micro_batches(shard[:6], 3), 3, 3)  # a sequence left out
+    assert "out of range or repeated [6]" in check_plan(shard[:6], plan, 3, 3)  # a plan for a longer shard
+    assert "more than the 2 every rank runs" in check_plan(shard, plan, 2, 3)
+    assert "holds 4 sequences, above 3" in check_plan(shard, [[[0], [1], [2], [3]], [[4], [5], [6]]], 2, 3)
+    assert "needs learner.shared_prefix" in check_plan(shard, [[[0, 3]], [[1], [2], [4]], [[5], [6]]], 3, 3)
+    shared = plan_micro_batches(shard, 8, shared=True)
+    assert check_plan(shard, shared, len(shared), 8, shared=True) is None
+    assert "do not share one prompt" in check_plan(shard, [[[0, 1]], [[2], [3], [4], [5], [6]]], 2, 8, shared=True)
 
 
 def test_token_budget_micro_batches_bound_padded_tokens():
@@ -198,6 +215,17 @@ def test_learner_group_matches_single_process_torch(ray_local, dense_dir, refere
             gathered = dict(group.iter_weights())
             for name, p in model.named_parameters():
                 assert torch.equal(p, gathered[name]), name
+
+            # The driver plans every rank's micro-batches once; a rank whose plan disagrees with its shard refuses
+            # it before any collective, and so does the other rank (none is left waiting in a ZeRO-3 gather).
+            shards, plans, count = group._shards(batch)
+            refs = [a.log_probs.remote([batch[i] for i in shard], plan, count)
+                    for a, shard, plan in zip(group.actors, shards, [plans[0][1:], plans[1]])]
+            with pytest.raises(MicroBatchPlanError, match="rank 0: the micro-batch plan does not fit its shard: .*missing"):
+                ray_get(refs[0])
+            with pytest.raises(MicroBatchPlanError, match="rank 1: .*another rank refused"):
+                ray_get(refs[1])
+            assert len(group.log_probs(batch)) == len(batch)  # the group goes on
             assert transformers.AutoTokenizer.from_pretrained(out).chat_template
     finally:
         group.shutdown()

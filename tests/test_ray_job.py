@@ -8,6 +8,8 @@ overrides appended to the job's arguments that make it a tiny model's few-minute
 """
 from __future__ import annotations
 
+import json
+
 import os
 import re
 import shlex
@@ -163,7 +165,8 @@ def test_the_readme_lines_run_the_main_job_and_ray_job_stop_ends_it(temp_dir, ti
     assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
     assert "final HOME checkpoint" in job.stdout
     assert (tmp_path / "run" / "final" / "config.json").is_file()
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # the README's total_steps=2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]  # the learnability check, then the README's total_steps=2
 
     # a second job, submitted the README's way and stopped while it runs: its actors must go away with it
     # asynchronous: stopped while the rollout thread works ahead of the learners

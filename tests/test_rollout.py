@@ -171,8 +171,8 @@ def test_logprob_agreement_fp32(pool, prompts, base_model):
     stats = logprob_agreement(samples, recompute_logprobs(base_model, samples))
     print(f"\nlog-prob agreement, tiny qwen2 fp32, vLLM (sampled, T=1) vs transformers forward: {stats}")
     assert stats["tokens"] > 100
-    assert stats["max_abs_diff"] <= 1e-3
-    assert stats["mean_abs_diff"] <= 1e-4
+    assert stats["rollout/logprob_diff_max"] <= 1e-3
+    assert stats["rollout/logprob_diff_mean"] <= 1e-4
 
 
 # ----------------------------------------------------------------------------- weight updates
@@ -198,7 +198,7 @@ def test_think_only_update_matches_transformers_and_leaves_the_rest(pool, prompt
         assert torch.equal(tensor, kept_before[name]), name
     sampled = pool.generate(prompts[:8], seed=3).flat()
     stats = logprob_agreement(sampled, recompute_logprobs(updated, sampled))
-    assert stats["max_abs_diff"] <= 1e-3, stats
+    assert stats["rollout/logprob_diff_max"] <= 1e-3, stats
 
 
 def test_full_update_repacks_tied_lm_head(pool, prompts, qwen2):

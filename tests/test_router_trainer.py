@@ -175,9 +175,9 @@ def test_recipe_errors_are_one_line(tiny_home, tmp_path, monkeypatch, capsys):
 
 
 def test_view_swap_sends_exactly_the_think_expert(tiny_home):
-    from home_rl.router.trainer import RouterTrainer
+    from home_rl.router.actor import HomeModelActor
 
-    trainer = RouterTrainer(str(tiny_home))
+    trainer = HomeModelActor(str(tiny_home))
     sent = {name: t for names in trainer.expert_weight_chunks("think") for name, t in trainer.expert_weights(names, "think")}
     think, fast = trainer.home.view_state_dict("think"), trainer.home.view_state_dict("fast")
     differs = {k for k in think if not torch.equal(think[k], fast[k])}

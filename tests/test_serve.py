@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,10 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from home_rl.serve.protocol import APIError, ResponseSplitter, image_ref, parse_request, split_response
+from home_rl.config import load_config, save_config
+from home_rl.errors import ConfigError
+from home_rl.serve.config import API_KEY_NOT_SAVED, ServeConfig, is_loopback
+from home_rl.serve.protocol import (MAX_JSON_DEPTH, APIError, ResponseSplitter, decode_body, image_ref, parse_request,
+                                    split_response)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE = ["engine.dtype=float32", "engine.kv_cache_gib=0.25", "engine.max_model_len=512", "engine.max_tokens=16"]
+API_KEY = "test-key-7f3a"  # the local server's (given as HOME_RL_API_KEY)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 # ----------------------------------------------------------------------------- the wire format, no engines
@@ -87,6 +94,37 @@ def test_requests_are_checked_field_by_field(tmp_path):
     assert e.value.status == 403
 
 
+def test_bodies_too_deep_are_a_400():
+    assert decode_body(b'{"a": [[1]]}') == {"a": [[1]]}
+    deep = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert decode_body(deep.encode()) is not None
+    for body in (b"[" + deep.encode() + b"]", b"[" * 100_000, b'{"a":' * 50_000):  # parsed, and past the parser's limit
+        with pytest.raises(APIError, match=f"deeper than {MAX_JSON_DEPTH} levels") as e:
+            decode_body(body)
+        assert e.value.status == 400
+    with pytest.raises(APIError, match="not valid JSON"):
+        decode_body(b"{not json")
+
+
+def test_a_server_beyond_loopback_needs_a_key_that_config_yaml_does_not_keep(tmp_path, monkeypatch):
+    monkeypatch.delenv("HOME_RL_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"^host=0.0.0.0 serves other machines: set api_key=KEY .*"
+                                          r"allow_unauthenticated=true"):
+        load_config(ServeConfig, ["host=0.0.0.0"])
+    assert load_config(ServeConfig, ["host=0.0.0.0", "allow_unauthenticated=true"]).api_key == ""
+    cfg = load_config(ServeConfig, ["host=0.0.0.0", "api_key=secret-1"])
+    saved = save_config(cfg.saved(), tmp_path)
+    assert "secret-1" not in saved.read_text() and cfg.saved().api_key == API_KEY_NOT_SAVED
+    with pytest.raises(ConfigError, match="^api_key: config.yaml does not keep"):  # not a server without its key
+        load_config(ServeConfig, ["--config", str(saved)])
+    monkeypatch.setenv("HOME_RL_API_KEY", "secret-2")
+    again = load_config(ServeConfig, ["--config", str(saved)])
+    assert again.api_key == "" and again.client_key() == "secret-2"
+    assert load_config(ServeConfig, ["host=0.0.0.0"]).client_key() == "secret-2"
+    assert all(map(is_loopback, ("127.0.0.1", "127.0.0.2", "localhost", "::1")))
+    assert not any(map(is_loopback, ("0.0.0.0", "", "10.1.2.3", "::", "example.com")))
+
+
 # ----------------------------------------------------------------------------- the server
 
 
@@ -136,17 +174,37 @@ def chat_messages(row: dict, as_files: bool = False) -> list[dict]:
     return out
 
 
+def with_context(checkpoint: Path, context: int, out: Path) -> Path:
+    """A copy of `checkpoint` whose config.json gives it `context` positions (max_position_embeddings; the rope
+    weights do not depend on it), the same model otherwise."""
+    shutil.copytree(checkpoint, out)
+    config = json.loads((out / "config.json").read_text())
+
+    def patch(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                node[key] = context if key == "max_position_embeddings" else patch(value)
+        return node
+
+    (out / "config.json").write_text(json.dumps(patch(config)))
+    return out
+
+
 @pytest.fixture(scope="module")
 def server(stage_run, tmp_path_factory):
-    """recipes/serve.py as a process; at the end it gets SIGTERM and must leave no process behind."""
+    """recipes/serve.py as a process, on the trained checkpoint made a 512-position model and with no length key
+    given (engine.max_model_len fits itself to the model), its key in HOME_RL_API_KEY; at the end it gets SIGTERM
+    and must leave no process behind."""
     import psutil
 
     out = tmp_path_factory.mktemp("serve")
+    checkpoint = with_context(stage_run["final"], 512, out / "checkpoint_512")
     port = free_port()
-    cmd = [sys.executable, str(ROOT / "recipes" / "serve.py"), f"checkpoint={stage_run['final']}", f"port={port}",
-           f"output_dir={out}", f"image_dir={stage_run['eval'] / 'data'}", "log_every_s=1", *ENGINE]
+    engine = [arg for arg in ENGINE if not arg.startswith("engine.max_model_len=")]
+    cmd = [sys.executable, str(ROOT / "recipes" / "serve.py"), f"checkpoint={checkpoint}", f"port={port}",
+           f"output_dir={out}", f"image_dir={stage_run['eval'] / 'data'}", "log_every_s=1", *engine]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HOME_RL_CONSOLE": "quiet"})
+                            env={**os.environ, "HOME_RL_CONSOLE": "quiet", "HOME_RL_API_KEY": API_KEY})
     deadline = time.monotonic() + 420
     while not (out / "server.json").is_file():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -176,7 +234,7 @@ def server(stage_run, tmp_path_factory):
 def client(server):
     from openai import OpenAI
 
-    return OpenAI(base_url=server["url"], api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=server["url"], api_key=API_KEY, max_retries=0, timeout=120)
 
 
 def test_router_choices_equal_the_evaluations(client, stage_run):
@@ -254,12 +312,12 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(client, server, stage_r
     ]
     for body, status, param in cases:
         r = httpx.post(url, content=body if isinstance(body, bytes) else json.dumps(body),
-                       headers={"content-type": "application/json"}, timeout=60)
+                       headers={"content-type": "application/json", **AUTH}, timeout=60)
         assert r.status_code == status, (body, r.text)
         error = r.json()["error"]
         assert error["param"] == param and error["message"] and error["type"], error
-    assert "context" in httpx.post(url, json=cases[2][0]).json()["error"]["message"]
-    assert "image" in httpx.post(url, json=cases[3][0]).json()["error"]["message"]
+    assert "context" in httpx.post(url, json=cases[2][0], headers=AUTH).json()["error"]["message"]
+    assert "image" in httpx.post(url, json=cases[3][0], headers=AUTH).json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=good["messages"])
     with pytest.raises(openai.BadRequestError):
@@ -267,3 +325,33 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(client, server, stage_r
     assert client.chat.completions.create(**good).choices[0].finish_reason in ("stop", "length")
     scrape = httpx.get(server["url"].removesuffix("/v1") + "/metrics").text
     assert 'home_request_errors_total{status="400"}' in scrape
+
+
+def test_the_key_guards_every_v1_route_and_a_deep_body_is_a_400(client, server):
+    import httpx
+    import openai
+    from openai import OpenAI
+
+    url, ask = server["url"], {"model": "home", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    stranger = OpenAI(base_url=url, api_key="not-the-key", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError, match="not valid"):
+        stranger.chat.completions.create(**ask)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+    for method, path in (("POST", "/chat/completions"), ("POST", "/completions"), ("GET", "/models")):
+        r = httpx.request(method, url + path, json={**ask, "prompt": "hi"} if method == "POST" else None, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200  # open, as vLLM's is
+
+    # the model has 512 positions and no length key was given: the engines took its context
+    assert client.models.list().data[0].model_extra["max_model_len"] == 512
+    saved = (server["out"] / "config.yaml").read_text()
+    assert "max_model_len: 512" in saved and API_KEY not in saved
+
+    for body in (b'{"model": "home", "messages": ' + b"[" * 100_000,  # past Python's recursion limit
+                 json.dumps({**ask, "metadata": json.loads("[" * 100 + "]" * 100)}).encode()):
+        r = httpx.post(url + "/chat/completions", content=body, headers={"content-type": "application/json", **AUTH},
+                       timeout=60)
+        assert r.status_code == 400 and "deeper than" in r.json()["error"]["message"], r.text
+    assert client.chat.completions.create(**ask).choices[0].finish_reason in ("stop", "length")

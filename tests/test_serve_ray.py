@@ -1,10 +1,11 @@
 """The Ray Serve backend of recipes/serve.py on the session's local Ray runtime: the same API and the same router
-decisions as the local backend (and as recipes/evaluate.py), a deployment per view with the config's autoscaling
-bounds, and no vLLM engine left once Serve shuts down."""
+decisions as the local backend (and as recipes/evaluate.py), the same api_key check, a deployment per view with the
+config's autoscaling bounds, and no vLLM engine left once Serve shuts down."""
 from __future__ import annotations
 
 import time
 
+import pytest
 from test_serve import ENGINE, chat_messages, eval_rows, free_port
 
 
@@ -15,6 +16,7 @@ def engine_processes() -> set[int]:
 
 
 def test_ray_serve_backend(stage_run, ray_local, tmp_path):
+    import openai
     from openai import OpenAI
     from ray import serve
     from ray.serve.context import _get_global_client
@@ -27,7 +29,7 @@ def test_ray_serve_backend(stage_run, ray_local, tmp_path):
     port = free_port()
     cfg = load_config(ServeConfig, [f"checkpoint={stage_run['final']}", f"port={port}", f"output_dir={tmp_path}",
                                     "backend=ray", "ray.max_replicas=2", "ray.target_ongoing_requests=4",
-                                    "ray.view.cpus=0.5", "ray.ingress.cpus=0.5", *ENGINE])
+                                    "ray.view.cpus=0.5", "ray.ingress.cpus=0.5", "api_key=ray-key", *ENGINE])
     views = export_views(stage_run["final"], tmp_path / "views")
     before = engine_processes()
     try:
@@ -35,7 +37,9 @@ def test_ray_serve_backend(stage_run, ray_local, tmp_path):
         status = serve.status().applications["home"]
         assert {"ingress", "think-view", "fast-view"} <= set(status.deployments)
         assert all(d.status == "HEALTHY" for d in status.deployments.values())
-        client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        with pytest.raises(openai.AuthenticationError):  # the ingress asks for the key as the local server does
+            OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120).models.list()
+        client = OpenAI(base_url=url, api_key="ray-key", max_retries=0, timeout=120)
         rows = eval_rows(stage_run)
         for row in rows[:2] + [r for r in rows if r["hybrid"] == "think"][:1]:
             reply = client.chat.completions.create(model="home", messages=chat_messages(row), max_tokens=3,

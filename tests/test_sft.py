@@ -115,6 +115,22 @@ def test_killed_run_resumes_from_its_checkpoint_and_the_loss_curve_continues(ray
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 
+def test_the_recipe_fits_its_default_lengths_to_a_512_position_model(ray_local, text_mix, tmp_path):
+    """No length key given: data.max_prompt_tokens + sft.max_response_tokens (1024 + 512 by default) are lowered to
+    fit the model's 512 positions (home_rl/context_length.py) and config.yaml records what ran."""
+    from home_rl.tiny import build_tiny_model
+
+    model = build_tiny_model("qwen2", tmp_path / "model_512", context=512)
+    out = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "recipes/sft.py", *sft_args(model, text_mix, out, 1)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = load_config(SFTConfig, ["--config", str(out / "config.yaml")])
+    assert (ran.data.max_prompt_tokens, ran.sft.max_response_tokens) == (341, 170)
+    assert [m["step"] for m in read_metrics(out)] == [1] and (out / "final" / "config.json").is_file()
+
+
 def test_stage_sft_of_a_home_model_trains_tokens_and_router(ray_local, tiny_home, text_mix, tmp_path):
     from home_rl.model import HomeModel, is_home_checkpoint
 

@@ -14,8 +14,8 @@ from PIL import Image
 
 from home_rl.learner import LearnerConfig, Sequence
 from home_rl.learner import forward
-from home_rl.learner.batch import (collate, collate_shared, micro_batches, plan_micro_batches, plan_rows, row_length,
-                                   split_for_ranks)
+from home_rl.learner.batch import collate, collate_shared
+from home_rl.learner.plan import micro_batches, plan_micro_batches, plan_rows, row_length, split_for_ranks
 from home_rl.model import HomeModel, load_dense
 
 
@@ -138,7 +138,7 @@ def test_rows_micro_batches_and_ranks_keep_a_prompts_samples_together():
     one_prompt = [s for i, s in enumerate(seqs) if i % 5 == 0]
     halves = split_for_ranks(one_prompt, 2, shared=True)  # one group, two ranks: the group is halved
     assert sorted(map(len, halves)) == [2, 2]
-    planned = micro_batches(seqs, 8, count=5, shared=True)
+    planned = micro_batches(seqs, plan_micro_batches(seqs, 8, shared=True), count=5)
     assert sorted(i for mb in planned for i in mb.indices) == list(range(20))
     assert [s for mb in planned for s in mb.sequences if mb.indices] == [seqs[i] for mb in planned for i in mb.indices]
     assert planned[-1].indices == [] and planned[-1].sequences[0].num_loss_tokens == 0

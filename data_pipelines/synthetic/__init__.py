@@ -121,3 +121,19 @@ def _family_rows(family: str, n: int, seed: int, levels: Optional[Sequence[int]]
                      "answer": problem.answer, "solution": {"think": problem.think, "answer": problem.answer},
                      "extra_info": {"family": family, **problem.extra}})
     return rows, files
+
+
+def ensure_math_rows(train_path: Path, heldout_path: Optional[Path], rows: int, heldout_rows: int, seed: int,
+                     levels: str) -> None:
+    """A GRPO run's synthetic math: `rows` training rows at `train_path` and `heldout_rows` new problems of the
+    same levels, none of them a training prompt, at `heldout_path` (each written once, when missing)."""
+    from data_pipelines.readers import read_rows
+
+    if not train_path.is_file():
+        generate("math", rows, seed, train_path.parent, levels=parse_levels(levels))
+    if heldout_path is not None and not heldout_path.is_file():
+        train = {r["prompt"] for r in read_rows(train_path)}
+        made, _ = make_rows("math", 4 * heldout_rows, seed + 1, levels=parse_levels(levels))
+        kept = [r for r in made if r["prompt"] not in train][:heldout_rows]
+        heldout_path.parent.mkdir(parents=True, exist_ok=True)
+        heldout_path.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -2,6 +2,6 @@
 from home_rl.learner.batch import Sequence
 from home_rl.learner.config import LearnerConfig
 from home_rl.learner.group import LearnerGroup
-from home_rl.learner.losses import LossInputs, register_loss
+from home_rl.learner.losses import LossInputs
 
-__all__ = ["LearnerConfig", "LearnerGroup", "LossInputs", "Sequence", "register_loss"]
+__all__ = ["LearnerConfig", "LearnerGroup", "LossInputs", "Sequence"]

@@ -2,8 +2,8 @@
 
 A `Sequence` is one prompt with one response, plus everything a loss needs per response token
 (`token_data`: advantages, old log-probs, ...) or per sequence (`seq_data`). Sequences travel to
-the learner actors as they are; each actor plans its own micro-batches (`micro_batches`) and pads
-them. A micro-batch is a list of rows: one sequence a row (`collate`), or with
+the learner actors as they are, with the micro-batch plan the driver made for each rank
+(home_rl/learner/plan.py); each actor pads what its plan says. A micro-batch is a list of rows: one sequence a row (`collate`), or with
 `learner.shared_prefix` the samples of one prompt in one row (`collate_shared`, below). Padding is
 on the right, so position ids stay 0..n-1 for every model (Qwen2.5-VL's 3D rope included).
 Logits are computed only from the first response position of a micro-batch onwards (`logits_to_keep`).
@@ -11,7 +11,6 @@ Logits are computed only from the first response position of a micro-batch onwar
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any, Optional
 
 import torch
@@ -141,61 +140,6 @@ def collate(seqs: list[Sequence], pad_id: int) -> MicroBatch:
         mm_inputs=mm, response_lengths=[len(s.response_ids) for s in seqs], tokens=sum(lengths))
 
 
-# ----------------------------------------------------------------------------- shared prefixes
-#
-# With learner.shared_prefix the samples of one prompt form one row: the prompt once, then each
-# response. A response attends to the prompt and to its own earlier tokens only, and its positions
-# continue from the prompt's, so every response token sees exactly what it sees in its own
-# sequence: log-probs, losses and gradients are those of the unshared rows, the prompt's tokens
-# (and its images) are computed once instead of n times.
-
-
-def prefix_key(seq: Sequence, digests: Optional[dict] = None) -> tuple:
-    """Sequences with equal keys can share a row: the same prompt tokens, images, route and router prompt."""
-    images = None
-    if seq.mm_inputs:
-        pixels = seq.mm_inputs["pixel_values"]
-        cache = digests if digests is not None else {}
-        if id(pixels) not in cache:  # the samples of a prompt usually hold the very same tensors
-            h = hashlib.blake2b(digest_size=16)
-            for name in sorted(seq.mm_inputs):
-                t = seq.mm_inputs[name].detach().contiguous().cpu()
-                h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            cache[id(pixels)] = (h.hexdigest(), pixels)  # the tensor kept alive: its id stays unique
-        images = cache[id(pixels)][0]
-    return (seq.route, tuple(seq.prompt_ids), images, tuple(seq.mm_token_type_ids or ()),
-            tuple(seq.router_prompt_ids or ()))
-
-
-def row_length(seqs: list[Sequence], row: list[int]) -> int:
-    """Tokens of a packed row: its prompt once plus every response."""
-    return len(seqs[row[0]].prompt_ids) + sum(len(seqs[i].response_ids) for i in row)
-
-
-def plan_rows(seqs: list[Sequence], shared: bool, max_sequences: int = 0, max_tokens: int = 0) -> list[list[int]]:
-    """The rows of the forward passes, as indices into seqs: one sequence each, or (shared) the sequences
-    of one prompt, in order, a row holding at most `max_sequences` of them and, beyond its first,
-    no more than `max_tokens` tokens (0: no limit)."""
-    if not shared:
-        return [[i] for i in range(len(seqs))]
-    by_key: dict[tuple, list[int]] = {}
-    digests: dict = {}
-    for i, s in enumerate(seqs):
-        by_key.setdefault(prefix_key(s, digests), []).append(i)
-    rows: list[list[int]] = []
-    for members in by_key.values():
-        row: list[int] = []
-        for i in members:
-            full = max_sequences and len(row) >= max_sequences
-            if row and (full or (max_tokens and row_length(seqs, row + [i]) > max_tokens)):
-                rows.append(row)
-                row = []
-            row.append(i)
-        rows.append(row)
-    return rows
-
-
 @dataclasses.dataclass
 class _PerToken:
     """A micro-batch's per-response-token tensors [rows, width], filled a sequence at a time."""
@@ -250,84 +194,13 @@ def _prompt_inputs(heads: list[Sequence], types: Optional[torch.Tensor]) -> tupl
     return mm, router_input_ids, router_attention_mask
 
 
-def split_for_ranks(seqs: list[Sequence], world_size: int, shared: bool = False) -> list[list[int]]:
-    """Indices of the sequences each data-parallel rank gets: similar token counts per rank.
-
-    Units are sequences, or (shared) the sequences of one prompt, kept on one rank so they share it;
-    while there are fewer units than ranks, the largest is halved. Longest unit first, each to the
-    rank with the fewest tokens so far (ties: the lower rank).
-    """
-    if len(seqs) < world_size:
-        raise ValueError(f"a batch of {len(seqs)} sequences cannot be split over {world_size} learners")
-    units = plan_rows(seqs, shared)
-    while len(units) < world_size:
-        units.sort(key=len)
-        big = units.pop()
-        units += [big[:len(big) // 2], big[len(big) // 2:]]
-    loads = [0] * world_size
-    shards: list[list[int]] = [[] for _ in range(world_size)]
-    for unit in sorted(units, key=lambda u: -row_length(seqs, u)):
-        rank = min(range(world_size), key=lambda r: (loads[r], len(shards[r])))
-        shards[rank].extend(unit)
-        loads[rank] += row_length(seqs, unit)
-    return [sorted(s) for s in shards]
-
-
-def plan_micro_batches(seqs: list[Sequence], micro_batch_size: int, max_tokens: int = 0,
-                       shared: bool = False) -> list[list[list[int]]]:
-    """The micro-batches, each a list of rows (indices into seqs), shortest rows first (sorting cuts padding).
-
-    A micro-batch holds at most `micro_batch_size` sequences. `max_tokens` > 0 packs by tokens instead:
-    as many rows as fit in `max_tokens` once padded to the longest (rows x longest, what the forward
-    pass allocates), so memory is bounded by tokens whatever the lengths; a row longer than the budget
-    runs alone. Shared rows count their prompt once.
-    """
-    if max_tokens > 0:
-        rows = plan_rows(seqs, shared, max_tokens=max_tokens)
-    else:
-        rows = plan_rows(seqs, shared, max_sequences=micro_batch_size)
-
-    def fits(chunk: list[list[int]], row: list[int]) -> bool:  # rows come shortest first: `row` is the longest
-        if max_tokens > 0:
-            return (len(chunk) + 1) * row_length(seqs, row) <= max_tokens
-        return sum(len(r) for r in chunk) + len(row) <= micro_batch_size
-
-    chunks: list[list[list[int]]] = []
-    for row in sorted(rows, key=lambda r: row_length(seqs, r)):
-        if chunks and fits(chunks[-1], row):
-            chunks[-1].append(row)
-        else:
-            chunks.append([row])
-    return chunks
-
-
-@dataclasses.dataclass
-class PlannedMicroBatch:
-    indices: list[int]  # into the shard, in the order of `sequences` (empty: a filler with nothing in the loss)
-    rows: list[list[Sequence]]  # the packed rows: one sequence each, or the sequences that share a prompt
-
-    @property
-    def sequences(self) -> list[Sequence]:
-        return [s for row in self.rows for s in row]
-
-
-def micro_batches(seqs: list[Sequence], micro_batch_size: int, count: int, max_tokens: int = 0,
-                  shared: bool = False) -> list[PlannedMicroBatch]:
-    """Exactly `count` micro-batches, as `plan_micro_batches` packs them.
-
-    Under ZeRO-3 every rank must run the same number of forward/backward passes, so a rank with
-    fewer sequences fills up with masked-out copies (nothing in the loss). Losses are normalised by
-    the whole step's token and sequence counts, so how sequences are grouped changes no loss or gradient.
-    """
-    chunks = plan_micro_batches(seqs, micro_batch_size, max_tokens, shared)
-    if len(chunks) > count:
-        raise ValueError(f"{len(seqs)} sequences need {len(chunks)} micro-batches, more than the {count} asked for")
-    out = [PlannedMicroBatch([i for row in rows for i in row], [[seqs[i] for i in row] for row in rows])
-           for rows in chunks]
-    shortest = min(range(len(seqs)), key=lambda i: len(seqs[i]))
-    while len(out) < count:
-        out.append(PlannedMicroBatch([], [[seqs[shortest].masked_out()]]))
-    return out
+# ----------------------------------------------------------------------------- shared prefixes
+#
+# With learner.shared_prefix the samples of one prompt form one row: the prompt once, then each
+# response. A response attends to the prompt and to its own earlier tokens only, and its positions
+# continue from the prompt's, so every response token sees exactly what it sees in its own
+# sequence: log-probs, losses and gradients are those of the unshared rows, the prompt's tokens
+# (and its images) are computed once instead of n times.
 
 
 def collate_shared(rows: list[list[Sequence]], pad_id: int) -> MicroBatch:

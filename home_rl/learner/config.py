@@ -36,8 +36,6 @@ class LearnerConfig:
 
     CHOICES: ClassVar[dict] = {"zero_stage": ("auto", 0, 1, 2, 3), "lr_schedule": ("constant", "cosine", "linear"),
                                "device": ("auto", "cpu", "cuda"), "backend": ("auto", "gloo", "nccl")}
-    MOVED: ClassVar[dict] = {"cpus_per_learner": "resources.cpus", "threads_per_learner": "resources.threads",
-                             "node_resource": "resources.node_resource"}
 
     def __post_init__(self):
         if isinstance(self.resources, dict):  # LearnerConfig(**to_dict(cfg)) in the learner actors

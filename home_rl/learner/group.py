@@ -25,9 +25,11 @@ import torch
 from home_rl.config import to_dict
 from home_rl.console import actor_env, phase_done
 from home_rl.errors import ray_get
-from home_rl.learner.batch import Sequence, plan_micro_batches, row_length, split_for_ranks
+from home_rl.learner.batch import Sequence
+from home_rl.learner.plan import plan_micro_batches, row_length, split_for_ranks
 from home_rl.learner.config import LearnerConfig
 from home_rl.learner.worker import LearnerWorker
+from home_rl.memory_plan import resolve_zero_stage
 
 # Metrics that are the same on every rank (not shares to add up).
 _SHARED_METRICS = ("grad_norm", "lr", "step")
@@ -39,14 +41,16 @@ class LearnerGroup:
         import ray
 
         start = time.perf_counter()
-        if cfg.zero_stage == "auto":  # the recipes resolve it by the memory plan first; a group built in code
-            cfg = dataclasses.replace(cfg, zero_stage=3)  # without one (tests, benchmarks) keeps ZeRO-3
+        # the stage as a number: the recipes resolve learner.zero_stage=auto at start-up from the memory plan; a
+        # group built in code without a plan (tests, benchmarks) gets the resolver's documented rule for that case
+        cfg = dataclasses.replace(cfg, zero_stage=resolve_zero_stage(cfg.zero_stage))
         self.cfg = cfg
         self.world_size = cfg.num_learners
         # Tokens through the model's forward passes so far (fillers aside), every call and rank together:
         # with shared prefixes a prompt counts once per row, without once per sequence.
         self.tokens_computed = 0
         self.positions_computed = 0  # the same with padding: what the forward passes compute (rows x longest row)
+        self.global_step = 0  # optimizer steps the learners have taken (restored with a checkpoint)
         if placement is not None:
             options = [placement.learner_options(i) for i in range(self.world_size)]
         else:
@@ -72,17 +76,19 @@ class LearnerGroup:
     def _run(self, method: str, *args, **kwargs) -> list[Any]:
         return ray_get([getattr(a, method).remote(*args, **kwargs) for a in self.actors])
 
-    def _shards(self, batch: list[Sequence]) -> tuple[list[list[int]], int]:
+    def _shards(self, batch: list[Sequence]) -> tuple[list[list[int]], list[list[list[list[int]]]], int]:
+        """Each rank's sequences (indices into batch), its micro-batch plan (rows of indices into its shard), and
+        the micro-batch count every rank runs: planned here once, executed as given by the workers."""
         cfg = self.cfg
         shards = split_for_ranks(batch, self.world_size, cfg.shared_prefix)
-        num_micro = 0
+        plans = []
         for shard in shards:
             seqs = [batch[i] for i in shard]
             plan = plan_micro_batches(seqs, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, cfg.shared_prefix)
-            num_micro = max(num_micro, len(plan))
+            plans.append(plan)
             self.tokens_computed += sum(row_length(seqs, row) for rows in plan for row in rows)
             self.positions_computed += sum(len(rows) * max(row_length(seqs, row) for row in rows) for rows in plan)
-        return shards, num_micro
+        return shards, plans, max(len(plan) for plan in plans)
 
     def train_step(self, batch: list[Sequence], loss: Any = "sft", router_loss_weight: float = 0.0,
                    temperature: float = 1.0) -> dict[str, float]:
@@ -93,13 +99,14 @@ class LearnerGroup:
         """
         start = time.perf_counter()
         before = self.tokens_computed
-        shards, num_micro = self._shards(batch)
+        shards, plans, num_micro = self._shards(batch)
         totals = {"tokens": sum(s.num_loss_tokens for s in batch), "sequences": len(batch),
                   "labelled": sum(s.router_label is not None for s in batch)}
-        results = ray_get([a.train_step.remote([batch[i] for i in shard], num_micro, totals, loss,
+        results = ray_get([a.train_step.remote([batch[i] for i in shard], plan, num_micro, totals, loss,
                                                router_loss_weight, temperature)
-                           for a, shard in zip(self.actors, shards)])
+                           for a, shard, plan in zip(self.actors, shards, plans)])
         metrics = {k: v for k, v in results[0].items() if k in _SHARED_METRICS}
+        self.global_step = int(results[0]["step"])
         for key in results[0]:
             if key not in _SHARED_METRICS:
                 metrics[key] = (max if key.endswith("_max") else sum)(r[key] for r in results)
@@ -125,9 +132,9 @@ class LearnerGroup:
 
     def _per_sequence(self, batch: list[Sequence], method: str, *args) -> list:
         """Call a per-sequence method on every rank's shard; results back in batch order."""
-        shards, num_micro = self._shards(batch)
-        results = ray_get([getattr(a, method).remote([batch[i] for i in shard], num_micro, *args)
-                           for a, shard in zip(self.actors, shards)])
+        shards, plans, num_micro = self._shards(batch)
+        results = ray_get([getattr(a, method).remote([batch[i] for i in shard], plan, num_micro, *args)
+                           for a, shard, plan in zip(self.actors, shards, plans)])
         out: list = [None] * len(batch)
         for shard, values in zip(shards, results):
             for i, value in zip(shard, values):
@@ -154,7 +161,8 @@ class LearnerGroup:
 
     def load_checkpoint(self, folder: str) -> int:
         """Restore a checkpoint saved by save_checkpoint; returns the optimizer step it was taken at."""
-        return self._run("load_checkpoint", str(folder))[0]
+        self.global_step = self._run("load_checkpoint", str(folder))[0]
+        return self.global_step
 
     def save_model(self, out_dir: str) -> str:
         """The trained model as a checkpoint of the input's kind: a dense HF folder or a HOME checkpoint."""

@@ -6,8 +6,8 @@ of every micro-batch on every rank add up to the step's loss, whatever the numbe
 the micro-batch size. The worker multiplies the share by the world size before backward, because
 DeepSpeed averages gradients over ranks.
 
-Other stages add their losses with `register_loss` (GRPO builds on verl's `core_algos`), or pass
-a picklable function to `LearnerGroup.train_step` directly.
+A stage passes its loss to `LearnerGroup.train_step` by name (from `LOSSES`), or as a picklable
+function or `LossSpec` (GRPO's `home_rl.grpo.GRPOLoss` builds on verl's `core_algos`).
 """
 from __future__ import annotations
 
@@ -49,17 +49,13 @@ def sft_loss(x: LossInputs) -> tuple[torch.Tensor, dict]:
 LOSSES: dict[str, LossSpec] = {"sft": LossSpec(sft_loss)}
 
 
-def register_loss(name: str, fn: LossFn, needs_entropy: bool = False) -> None:
-    LOSSES[name] = LossSpec(fn, needs_entropy)
-
-
 def resolve_loss(loss: str | LossFn | LossSpec) -> LossSpec:
     if isinstance(loss, LossSpec):
         return loss
     if callable(loss):
         return LossSpec(loss, getattr(loss, "needs_entropy", False), getattr(loss, "entropy_grad", True))
     if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; registered: {', '.join(LOSSES)}")
+        raise ValueError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
     return LOSSES[loss]
 
 

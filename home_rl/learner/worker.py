@@ -13,14 +13,15 @@ import os
 import re
 import socket
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from home_rl.console import capture_output
+from home_rl.errors import HomeRLError
 from home_rl.learner import forward
-from home_rl.learner.batch import MicroBatch, PlannedMicroBatch, Sequence, collate, collate_shared, micro_batches
+from home_rl.learner.batch import MicroBatch, Sequence, collate, collate_shared
+from home_rl.learner.plan import PlannedMicroBatch, check_plan, micro_batches
 from home_rl.learner.config import LearnerConfig, frozen_copy_map, trainable_patterns
 from home_rl.learner.losses import LossInputs, resolve_loss, router_ce
 from home_rl.learner.optim import WarmupSchedule, param_groups, select_trainable
@@ -65,6 +66,10 @@ def clips_itself(cfg: LearnerConfig, dtype: torch.dtype) -> bool:
     (every other mode reports it), so there the learner clips in its optimizer's pre-step hook, on the reduced
     gradients, and keeps the norm for the step's metrics."""
     return cfg.zero_stage == 0 and dtype == torch.float32
+
+
+class MicroBatchPlanError(HomeRLError):
+    """A rank's micro-batch plan does not fit the sequences it was sent with."""
 
 
 class LearnerWorker:
@@ -149,9 +154,21 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ compute
 
-    def _micro_batches(self, shard: list[Sequence], num_micro: int) -> list[PlannedMicroBatch]:
-        return micro_batches(shard, self.cfg.micro_batch_size, num_micro, self.cfg.max_tokens_per_micro_batch,
-                             self.cfg.shared_prefix)
+    def _micro_batches(self, shard: list[Sequence], plan: list, num_micro: int) -> list[PlannedMicroBatch]:
+        """The driver's plan for this rank, checked against the shard before any collective: every rank learns
+        whether any refused (one tiny all-reduce), so a refusal stops all ranks instead of leaving the others
+        waiting in ZeRO-3's gathers."""
+        cfg = self.cfg
+        problem = check_plan(shard, plan, num_micro, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch,
+                             cfg.shared_prefix)
+        if self.world_size > 1:
+            refused = torch.tensor([0 if problem is None else 1], device=self.device)
+            torch.distributed.all_reduce(refused, op=torch.distributed.ReduceOp.MAX)
+            if problem is None and int(refused.item()):
+                problem = "another rank refused its micro-batch plan"
+        if problem is not None:
+            raise MicroBatchPlanError(f"learner rank {self.rank}: the micro-batch plan does not fit its shard: {problem}")
+        return micro_batches(shard, plan, num_micro)
 
     def _collate(self, planned: PlannedMicroBatch) -> MicroBatch:
         """One micro-batch on this learner's device: shared-prefix rows, or one sequence a row (also when no
@@ -163,9 +180,10 @@ class LearnerWorker:
     def _forward(self, mb: MicroBatch, with_entropy: bool, temperature: float, entropy_grad: bool = True):
         return forward.log_probs(self.engine, self.module, mb, self.is_home, with_entropy, temperature, entropy_grad)
 
-    def train_step(self, shard: list[Sequence], num_micro: int, totals: dict, loss: Any = "sft",
+    def train_step(self, shard: list[Sequence], plan: list, num_micro: int, totals: dict, loss: Any = "sft",
                    router_loss_weight: float = 0.0, temperature: float = 1.0) -> dict:
-        """Forward/backward over `num_micro` micro-batches of this rank's shard, then one optimizer step.
+        """Forward/backward over `num_micro` micro-batches of this rank's shard (`plan`, then fillers), then one
+        optimizer step; every pass at `temperature` (the sampling temperature of the rollouts it trains on).
 
         `totals` are the whole step's counts (tokens, sequences, labelled) over every rank.
         Returned metrics are this rank's additive shares; the group sums them.
@@ -177,7 +195,7 @@ class LearnerWorker:
         lr = self.engine.get_lr()[0]
         sums: dict[str, float] = collections.defaultdict(float)
         start = time.perf_counter()
-        for planned in self._micro_batches(shard, num_micro):
+        for planned in self._micro_batches(shard, plan, num_micro):
             mb = self._collate(planned)
             log_probs, entropy = self._forward(mb, spec.needs_entropy, temperature, spec.entropy_grad)
             inputs = LossInputs(log_probs=log_probs, entropy=entropy, loss_mask=mb.loss_mask, token_data=mb.token_data,
@@ -202,12 +220,12 @@ class LearnerWorker:
                 "compute_s": time.perf_counter() - start, "step": int(self.engine.global_steps)}
 
     @torch.no_grad()
-    def log_probs(self, shard: list[Sequence], num_micro: int, temperature: float = 1.0,
+    def log_probs(self, shard: list[Sequence], plan: list, num_micro: int, temperature: float = 1.0,
                   with_entropy: bool = False) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """Per sequence of the shard (in order): log-probs of its response tokens, and their entropies."""
         self.engine.eval()
         out: list = [None] * len(shard)
-        for planned in self._micro_batches(shard, num_micro):
+        for planned in self._micro_batches(shard, plan, num_micro):
             mb = self._collate(planned)
             log_probs, entropy = self._forward(mb, with_entropy, temperature)
             lp = mb.per_sequence(log_probs)
@@ -217,11 +235,11 @@ class LearnerWorker:
         return out
 
     @torch.no_grad()
-    def logits(self, shard: list[Sequence], num_micro: int) -> list[torch.Tensor]:
+    def logits(self, shard: list[Sequence], plan: list, num_micro: int) -> list[torch.Tensor]:
         """Per sequence: the logits [response tokens, vocab] that predict its response (for checks)."""
         self.engine.eval()
         out: list = [None] * len(shard)
-        for planned in self._micro_batches(shard, num_micro):
+        for planned in self._micro_batches(shard, plan, num_micro):
             mb = self._collate(planned)
             logits = self.engine(**forward.model_inputs(self.module, mb, self.is_home)).logits.float()
             for idx, values in zip(planned.indices, forward.sequence_logits(logits, mb)):

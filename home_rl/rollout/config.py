@@ -28,10 +28,10 @@ class RolloutConfig:
     top_k: int = -1  # keep only the k most likely tokens (-1: off)
     max_response_tokens: int = 128  # a response stops after this many generated tokens (finish_reason "length")
     stop: List[str] = dataclasses.field(default_factory=lambda: ["</answer>"])  # a response also stops after any of these strings (kept in the output)
-    max_model_len: int = 2048  # context of the engine (prompt + response tokens); prompts may use max_model_len - max_response_tokens
+    max_model_len: int = 2048  # context of the engine (prompt + response tokens); prompts may use max_model_len - max_response_tokens (unset: lowered to the model's context where that is less)
     on_long_prompt: str = "error"  # a prompt longer than max_model_len - max_response_tokens: error | truncate (keep its last tokens; text-only prompts) | skip (no samples); counted in the stats
     dtype: str = "bfloat16"  # dtype of the engine's weights and activations: float32 | bfloat16 | float16
-    logprobs_mode: str = "raw_logprobs"  # raw_logprobs: log-probs of the unmodified distribution (what a learner recomputes at temperature 1) | processed_logprobs: after temperature/top-k/top-p
+    logprobs_mode: str = "processed_logprobs"  # processed_logprobs: of the distribution sampled from (after temperature/top-k/top-p: what the learner recomputes at the rollout's temperature) | raw_logprobs: of the unmodified distribution (temperature 1)
     seed: int = 0  # engine seed of worker r is seed + r; a generate call given a seed reseeds every worker from it
     enforce_eager: bool = True  # skip torch.compile / CUDA graphs: start-up in seconds instead of a minute or more
     enable_prefix_caching: bool = True  # share the KV cache of a prompt's n samples (reset after every weight update)
@@ -52,8 +52,6 @@ class RolloutConfig:
         "dtype": ("float32", "bfloat16", "float16"),
         "logprobs_mode": ("raw_logprobs", "processed_logprobs"),
     }
-    MOVED: ClassVar[dict] = {"cpus_per_worker": "resources.cpus", "gpus_per_worker": "resources.gpus",
-                             "threads_per_worker": "resources.threads", "node_resource": "resources.node_resource"}
 
     @property
     def max_prompt_tokens(self) -> int:

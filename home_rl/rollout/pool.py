@@ -237,6 +237,10 @@ class RolloutPool:
                 dead.append(rank)
         return dead
 
+    def reset_caches(self) -> None:
+        """Every worker's prefix and encoder caches dropped (RolloutWorker.reset_caches)."""
+        ray_get([w.reset_caches.remote() for w in self.workers])
+
     def sleep(self) -> None:
         """Free the engines' GPU memory for a colocated update (a no-op where the build cannot sleep)."""
         ray_get([w.sleep.remote() for w in self.workers])

@@ -278,6 +278,11 @@ class RolloutWorker:
             self.llm.collective_rpc("home_rl_finish_update", kwargs={"abort": True})
             self._reset_caches()
 
+    def reset_caches(self) -> None:
+        """Forget the prompts computed so far, as a fresh engine: later samples do not depend on what ran before
+        (a prompt prefix found in the cache is computed another way, and can round differently)."""
+        self._reset_caches()
+
     def _reset_caches(self) -> None:
         """Drop what was computed with the old weights: prompts' KV blocks and images' encoder outputs."""
         self.llm.reset_prefix_cache()

@@ -1,8 +1,9 @@
-"""The router's side of the router stage: the label rule, the router's features, its fit and its trainer actor.
+"""The router's side of the router stage: the label rule, the router's features, its fit and the HOME model's actor.
 
     home_rl.router.labels     the label rule and per-prompt stats (pure)
     home_rl.router.features   pooled prompt features through HomeModel.router_features
-    home_rl.router.trainer    fit_router (CE on expected-gain or 0/1 targets, validation split, early stopping) and the RouterTrainer actor
+    home_rl.router.trainer    fit_router (CE on expected-gain or 0/1 targets, validation split, early stopping)
+    home_rl.router.actor      HomeModelActor: holds the HOME model, exports expert views, computes router features, fits the router
 
 The drivers that use them live in home_rl/trainer/: router_stage.py (recipes/train_router.py) and
 evaluate.py (recipes/evaluate.py).

@@ -5,7 +5,9 @@ import dataclasses
 from typing import ClassVar, List
 
 from data_pipelines import DataConfig
+from home_rl.context_length import fit_rollout_lengths
 from home_rl.errors import ConfigError
+from home_rl.memory_plan.run import Run
 from home_rl.experts import EXPERTS, FAST
 from home_rl.resources import Resources, resources_field
 from home_rl.rollout.config import RolloutConfig
@@ -57,7 +59,7 @@ class SyntheticMixConfig:
 class RouterTrainConfig:
     init: str = "fresh"  # fresh (new weights from seed) | checkpoint (continue from the checkpoint's router)
     lr: float = 1e-3  # AdamW learning rate
-    weight_decay: float = 1.0  # AdamW weight decay (strong: one greedy sample per expert gives noisy targets; on the default run's labels, 6 seeds each, 1.0 met the router bars 6 times with <= 20% of one-step sums sent to think, 0.3 6 times with up to 29%, 0.01 5 times)
+    weight_decay: float = 1.0  # AdamW weight decay (strong: one greedy sample per expert gives noisy targets)
     batch_size: int = 64  # labelled prompts per optimizer step
     max_epochs: int = 200  # passes over the training split at most
     patience: int = 20  # stop after this many epochs without a better validation loss (the best epoch's weights are kept)
@@ -79,12 +81,11 @@ class RouterTrainConfig:
 
 @dataclasses.dataclass
 class RouterActorConfig:
-    resources: Resources = resources_field()  # what the router trainer actor (it holds the HOME model) asks Ray for; gpus 1 on GPU clusters: the features run on it
+    resources: Resources = resources_field()  # what the HomeModelActor (it holds the HOME model) asks Ray for; gpus 1 on GPU clusters: the features run on it
     feature_batch_size: int = 8  # prompts per no-grad forward pass when computing router features
     template: str = FAST  # which expert's rendering of a prompt the router reads (Stage-SFT's sft.router_template)
 
     CHOICES: ClassVar[dict] = {"template": EXPERTS}
-    MOVED: ClassVar[dict] = {"cpus": "resources.cpus", "gpus": "resources.gpus", "threads": "resources.threads"}
 
 
 @dataclasses.dataclass
@@ -97,11 +98,23 @@ class RouterStageConfig:
     reward: RewardConfig = dataclasses.field(default_factory=_reward_defaults)  # verifiers per data_source
     labels: LabelConfig = dataclasses.field(default_factory=LabelConfig)  # when think wins: accuracy gain against extra length
     router: RouterTrainConfig = dataclasses.field(default_factory=RouterTrainConfig)  # how the router is fitted
-    actor: RouterActorConfig = dataclasses.field(default_factory=RouterActorConfig)  # the router trainer actor
+    actor: RouterActorConfig = dataclasses.field(default_factory=RouterActorConfig)  # the HomeModelActor: holds the HOME model, computes router features, fits the router
     labels_path: str = ""  # reuse an existing labels.jsonl (no rollouts); its ids must be rows of the data
     think_sources: List[str] = dataclasses.field(default_factory=lambda: ["math"])  # data types labelled think by the paper's type labels (recorded beside each label)
     seed: int = 0  # seeds sampling (the fit has its own router.seed)
     tensorboard: bool = False  # also write the fit's curves as TensorBoard events
+
+    def memory_run(self) -> Run:
+        """What this stage runs, for the memory plan: rollout workers serving each view in turn (none when
+        labels_path gives the labels), the actor holding the HOME checkpoint, and reward workers."""
+        return Run(model_path=self.checkpoint, rollout=None if self.labels_path else self.rollout, router_trainer=True,
+                   reward_workers=self.reward.num_workers, prompt_tokens=self.data.max_prompt_tokens,
+                   response_tokens=self.rollout.max_response_tokens, on_long_prompt=self.rollout.on_long_prompt)
+
+    def resolve(self, given: frozenset[str] = frozenset()) -> "RouterStageConfig":
+        """The lengths the user did not set, fitted to the checkpoint's context (home_rl/context_length.py)."""
+        fit_rollout_lengths(self, self.checkpoint, given)
+        return self
 
 
 @dataclasses.dataclass
@@ -132,7 +145,19 @@ class EvaluateConfig:
     steps_at_least: int = 3  # also report "<source>@steps>=N" for sources whose rows have several step counts (0: off)
     seed: int = 0  # seeds sampling
 
+    def memory_run(self) -> Run:
+        """What the evaluation runs, for the memory plan: rollout workers serving each view in turn, the actor
+        holding the HOME checkpoint, and reward workers."""
+        return Run(model_path=self.checkpoint, rollout=self.rollout, router_trainer=True,
+                   reward_workers=self.reward.num_workers, prompt_tokens=self.data.max_prompt_tokens,
+                   response_tokens=self.rollout.max_response_tokens, on_long_prompt=self.rollout.on_long_prompt)
+
     def __post_init__(self):
         if self.router.target != "label":
             raise ConfigError(f"router.target={self.router.target}: the type-label router is fitted on data types, "
                               "which carry no accuracy gain to expect: router.target must be label here")
+
+    def resolve(self, given: frozenset[str] = frozenset()) -> "EvaluateConfig":
+        """The lengths the user did not set, fitted to the checkpoint's context (home_rl/context_length.py)."""
+        fit_rollout_lengths(self, self.checkpoint, given)
+        return self

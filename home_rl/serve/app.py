@@ -17,19 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional, Protocol
 
-from fastapi import Request  # at module level: FastAPI resolves the routes' annotations in these globals
+from fastapi import Depends, Request  # at module level: FastAPI resolves the routes' annotations in these globals
 
 from home_rl.experts import EXPERTS
 from home_rl.serve.config import ServeConfig
 from home_rl.serve.engines import GenerationDelta, GenerationJob
 from home_rl.serve.metrics import RequestRecord, ServeMetrics
-from home_rl.serve.protocol import AUTO, APIError, GenerationRequest, ResponseSplitter, parse_request
+from home_rl.serve.protocol import AUTO, APIError, GenerationRequest, ResponseSplitter, decode_body, parse_request
 from home_rl.serve.router import PromptRouter, RouteDecision
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,8 @@ def _event(obj: dict) -> str:
 
 
 def build_app(server: HybridServer) -> Any:
-    """The FastAPI app over `server`: every error is an OpenAI error body, and the server keeps serving."""
+    """The FastAPI app over `server`: every error is an OpenAI error body, and the server keeps serving. With
+    cfg.api_key, every /v1/* route asks for it (a 401 otherwise); /health and /metrics stay open, as vLLM's do."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -282,7 +284,26 @@ def build_app(server: HybridServer) -> Any:
 
     def error_response(e: APIError) -> JSONResponse:
         server.metrics.failed(e.status)
-        return JSONResponse(e.body(), status_code=e.status)
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    key = server.cfg.api_key.encode()
+
+    async def authorized(request: Request) -> None:
+        """What every /v1/* route depends on: with an api_key, `Authorization: Bearer KEY` or a 401."""
+        if not key:
+            return
+        scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not sent.strip():
+            raise APIError(401, "no API key: send it as the header 'Authorization: Bearer KEY'", code="invalid_api_key")
+        if not hmac.compare_digest(sent.strip().encode(), key):  # in constant time: no key guessed byte by byte
+            raise APIError(401, "the API key is not valid", code="invalid_api_key")
+
+    v1 = [Depends(authorized)]
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return error_response(exc)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):  # unknown paths, wrong methods
@@ -292,12 +313,7 @@ def build_app(server: HybridServer) -> Any:
 
     async def generation(request: Request, kind: str):
         try:
-            raw = await request.body()
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise APIError(400, f"the request body is not valid JSON: {e}") from None
-            prepared = await server.prepare(body, kind)
+            prepared = await server.prepare(decode_body(await request.body()), kind)
             if prepared.request.stream:
                 return StreamingResponse(server.stream(prepared), media_type="text/event-stream")
             return JSONResponse(await server.complete(prepared))
@@ -308,15 +324,15 @@ def build_app(server: HybridServer) -> Any:
             error = APIError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
             return JSONResponse(error.body(), status_code=500)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(request: Request):
         return await generation(request, "chat")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=v1)
     async def completions(request: Request):
         return await generation(request, "completion")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=v1)
     async def models():
         return server.models()
 

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
 from typing import ClassVar, List, Optional
 
 from data_pipelines import DataConfig
+from home_rl.context_length import fit_lengths, key_limit, model_context
 from home_rl.errors import ConfigError
 from home_rl.experts import EXPERTS, FAST
 from home_rl.resources import Resources, resources_field
@@ -14,8 +17,8 @@ from home_rl.router.config import DEFAULT_ROUTER_OUTPUT
 @dataclasses.dataclass
 class EngineConfig:
     dtype: str = "bfloat16"  # the engines' dtype: float32 | bfloat16 | float16 (bfloat16 on a CPU without it: float32, with a warning)
-    max_model_len: int = 2048  # context of each engine (prompt + response tokens); a longer request is a 400
-    max_tokens: int = 512  # response tokens when a request names no max_tokens (capped by what the context leaves)
+    max_model_len: int = 2048  # context of each engine (prompt + response tokens); a longer request is a 400 (unset: lowered to the model's context where that is less)
+    max_tokens: int = 512  # response tokens when a request names no max_tokens (capped by what the context leaves; unset: lowered to max_model_len)
     stop: List[str] = dataclasses.field(default_factory=lambda: ["</answer>"])  # a response also stops after any of these (kept in the output), as in rollout
     max_num_seqs: int = 256  # most sequences one engine step batches together (continuous batching)
     enforce_eager: bool = True  # skip torch.compile / CUDA graphs: start-up in seconds; false: faster decoding after a longer start
@@ -87,7 +90,7 @@ class RayServeConfig:
 class ServeConfig:
     checkpoint: str = DEFAULT_ROUTER_OUTPUT + "/final"  # HOME checkpoint with a trained router (default: the router stage's final)
     output_dir: str = "outputs/serve"  # logs/, requests.jsonl (one line per request) and the exported views (views/)
-    host: str = "127.0.0.1"  # address the HTTP server binds (0.0.0.0: every interface)
+    host: str = "127.0.0.1"  # address the HTTP server binds (0.0.0.0: every interface; an address other than loopback needs api_key or allow_unauthenticated=true)
     port: int = 8000  # HTTP port (0: any free port, printed at start-up)
     image_dir: str = ""  # image_url file paths (file:///... or relative) are read from under this folder only ("": refused, data URLs only)
     served_model_name: str = "home"  # the model id of /v1/models; requests naming another model get a 404
@@ -97,6 +100,8 @@ class ServeConfig:
     router: RoutingConfig = dataclasses.field(default_factory=RoutingConfig)  # the router's forward
     ray: RayServeConfig = dataclasses.field(default_factory=RayServeConfig)  # backend=ray: replicas and autoscaling
     log_every_s: float = 30.0  # a summary line (requests/s, thinking ratio, tokens and latency per expert) this often while requests come (0: off)
+    api_key: str = ""  # clients must send "Authorization: Bearer KEY" on every /v1/* route ("": the HOME_RL_API_KEY environment variable, else no key); config.yaml does not keep it
+    allow_unauthenticated: bool = False  # serve on a host other than loopback without an api_key (anyone who reaches the port may use it)
 
     CHOICES: ClassVar[dict] = {"backend": ("local", "ray")}
 
@@ -105,3 +110,45 @@ class ServeConfig:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         if not self.served_model_name:
             raise ConfigError("served_model_name must not be empty")
+
+    def resolve(self, given: frozenset[str] = frozenset()) -> "ServeConfig":
+        """The host rule, and the lengths the user did not set fitted to the checkpoint's context
+        (home_rl/context_length.py); `given`: the keys the user set."""
+        if self.api_key == API_KEY_NOT_SAVED:  # a saved config.yaml: the key comes from the environment
+            if not os.environ.get(API_KEY_ENV):
+                raise ConfigError(f"api_key: config.yaml does not keep the server's key; give api_key=KEY or set "
+                                  f"{API_KEY_ENV}")
+            self.api_key = ""
+        self.check_host()
+        fit_lengths(self, ["engine.max_model_len"], model_context(self.checkpoint), given)
+        fit_lengths(self, ["engine.max_tokens"], key_limit(self, "engine.max_model_len"), given)
+        return self
+
+    def client_key(self) -> str:
+        """The key clients must send: api_key, else HOME_RL_API_KEY's ("": none). Read when the server starts
+        rather than at load, so that --help and config.yaml do not show it."""
+        return self.api_key or os.environ.get(API_KEY_ENV, "")
+
+    def check_host(self) -> None:
+        """An open port on other machines' reach needs a key, or the user's word that it may go without one."""
+        if not self.client_key() and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ConfigError(f"host={self.host} serves other machines: set api_key=KEY (or {API_KEY_ENV}), or "
+                              "allow_unauthenticated=true to serve them without one")
+
+    def saved(self) -> "ServeConfig":
+        """This config as config.yaml records it: the key stays out of files."""
+        return dataclasses.replace(self, api_key=API_KEY_NOT_SAVED if self.client_key() else "")
+
+
+API_KEY_ENV = "HOME_RL_API_KEY"
+API_KEY_NOT_SAVED = "<not saved: give api_key or HOME_RL_API_KEY>"  # config.yaml's api_key when the server had one
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address to bind) is reached from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another name: it may resolve to any interface
+        return False

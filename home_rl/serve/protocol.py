@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,6 +71,38 @@ class GenerationRequest:
     def prompt_param(self) -> str:
         """The body field that holds the prompt, as errors about it name it."""
         return "messages" if self.kind == "chat" else "prompt"
+
+
+MAX_JSON_DEPTH = 64  # an OpenAI request nests about 6 deep (messages[].content[].image_url.url); deeper is abuse
+
+
+def decode_body(raw: bytes) -> Any:
+    """The JSON of a request body; APIError 400 for one that is not JSON or nests deeper than MAX_JSON_DEPTH
+    (Python's parser recurses: a body of 100k '[' would be a RecursionError, and any later walk of a deep one)."""
+    too_deep = APIError(400, f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # deeper than Python's recursion limit: the parser gave up
+        raise too_deep from None
+    if json_depth(body, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise too_deep
+    return body
+
+
+def json_depth(value: Any, stop: int) -> int:
+    """How deep `value` nests lists and dicts (a scalar: 0), counted without recursion up to stop + 1."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (list, dict)):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop:
+            break
+        stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def parse_request(body: Any, kind: str, image_dir: str = "") -> GenerationRequest:

@@ -4,7 +4,8 @@
     ray    Ray Serve on the running cluster (RAY_ADDRESS's, or a local one): home_rl/serve/ray_serve.py
 
 The server runs until SIGINT or SIGTERM and then stops its engines; while it runs,
-output_dir/server.json says where it listens ({"url", "pid"}).
+output_dir/server.json says where it listens ({"url", "pid"}). With an api_key (or HOME_RL_API_KEY), every
+/v1/* route asks for it (home_rl/serve/app.py); config.yaml does not keep it.
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ log = logging.getLogger(__name__)
 def serve(cfg: ServeConfig) -> None:
     from home_rl.trainer.startup import load_processor, resolve_home_checkpoint
 
+    cfg.check_host()  # load_config checked it; a config built in code is checked here
     checkpoint = resolve_home_checkpoint(cfg.checkpoint, "checkpoint", "recipes/train_router.py")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    save_config(cfg.saved(), out)
+    cfg.api_key = cfg.client_key()  # HOME_RL_API_KEY's, carried in the config to the server (a Ray replica too)
     if cfg.backend == "ray":
         return _serve_on_ray(cfg, checkpoint, out)
 

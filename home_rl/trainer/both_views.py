@@ -39,10 +39,10 @@ class BothExperts:
 
 class ViewsRun:
     """The actors of a run in which both views answer (the router stage, the evaluation): placed and checked
-    up front, the router trainer actor holding the HOME checkpoint, and a reward pool once `answer` scores.
+    up front, the HomeModelActor holding the HOME checkpoint, and a reward pool once `answer` scores.
 
         with ViewsRun(checkpoint, cfg.rollout, cfg.reward, cfg.actor.resources, out / "views") as run:
-            info = ray.get(run.trainer.info.remote())
+            info = ray.get(run.home.info.remote())
             both = run.answer(rows, processor, cfg.data, cfg.seed)
     """
 
@@ -51,19 +51,19 @@ class ViewsRun:
         """`rollout` None: no view answers (the router stage fitting given labels), no rollout worker is placed.
         `plan_cfg`: the recipe's config, whose memory plan is checked before any actor starts."""
         from home_rl.cluster import ClusterConfig
-        from home_rl.router.trainer import start_router_trainer
+        from home_rl.router.actor import start_home_model_actor
 
         self.rollout_cfg, self.reward_cfg, self.views_dir = rollout, reward, views_dir
         workers = rollout.num_workers * rollout.resources.cpus if rollout else 0
         cpus = workers + reward.num_workers * reward.resources.cpus + actor.cpus
         if plan_cfg is not None:
-            check_memory(plan_cfg, "router", checkpoint, cpus)
+            check_memory(plan_cfg, checkpoint, cpus)
         ensure_ray(cpus)
         self.placement = job_placement(ClusterConfig(), rollout=rollout, reward=reward,
-                                       others=[("router trainer", actor, "actor")])
+                                       others=[("HOME model actor", actor, "actor")])
         self.rewards = None
         try:
-            self.trainer = start_router_trainer(str(checkpoint), actor)
+            self.home = start_home_model_actor(str(checkpoint), actor)
         except BaseException:
             self.placement.shutdown()
             raise
@@ -75,7 +75,7 @@ class ViewsRun:
         assert self.rollout_cfg is not None, "ViewsRun(rollout=None) places no rollout workers"
         self.rewards = self.rewards or RewardPool(self.reward_cfg)
         self.rewards.check(rows)
-        return rollout_both(self.trainer, rows, processor, data_cfg, self.rollout_cfg, self.rewards, self.views_dir,
+        return rollout_both(self.home, rows, processor, data_cfg, self.rollout_cfg, self.rewards, self.views_dir,
                             seed, placement=self.placement)
 
     def __enter__(self) -> "ViewsRun":
@@ -86,15 +86,15 @@ class ViewsRun:
 
         if self.rewards is not None:
             self.rewards.shutdown()
-        ray.kill(self.trainer)
+        ray.kill(self.home)
         self.placement.shutdown()
         shutil.rmtree(self.views_dir, ignore_errors=True)
 
 
-def rollout_both(trainer: Any, rows: Sequence[dict], processor: Any, data_cfg: DataConfig, rollout_cfg: RolloutConfig,
+def rollout_both(home: Any, rows: Sequence[dict], processor: Any, data_cfg: DataConfig, rollout_cfg: RolloutConfig,
                  rewards: Any, views_dir: Path, seed: int = 0, experts: Sequence[str] = (FAST, THINK),
                  placement: Any = None) -> BothExperts:
-    """n samples per prompt from each expert's view, scored; `trainer` is a RouterTrainer actor (it exports the views)."""
+    """n samples per prompt from each expert's view, scored; `home` is a HomeModelActor (it exports the views)."""
     import ray
 
     from home_rl.rollout import RolloutPool
@@ -103,14 +103,14 @@ def rollout_both(trainer: Any, rows: Sequence[dict], processor: Any, data_cfg: D
     per_expert: dict[str, tuple[list, list]] = {}
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
-    view = ray.get(trainer.export_view.remote(experts[0], str(Path(views_dir) / experts[0])))
+    view = ray.get(home.export_view.remote(experts[0], str(Path(views_dir) / experts[0])))
     timing["export_s"] = time.perf_counter() - t0
     pool = RolloutPool(view, rollout_cfg, placement)
     try:
         for version, expert in enumerate(experts):
             t1 = time.perf_counter()
             if version:  # the engines now serve `expert`'s view: only its MLP tensors differ from the last one's
-                sync = pool.update_weights(expert_weights(trainer, expert), version=version)
+                sync = pool.update_weights(expert_weights(home, expert), version=version)
                 timing[f"{expert}/weight_swap_s"] = sync["seconds"]
             rendered = [render_prompt(row, expert, processor, data_cfg, with_pixels=False) for row in rows]
             groups: list = []
@@ -143,12 +143,12 @@ def rollout_both(trainer: Any, rows: Sequence[dict], processor: Any, data_cfg: D
                        responses={e: [per_expert[e][1][i] for i in keep] for e in experts}, timing=timing)
 
 
-def expert_weights(trainer: Any, expert: str) -> Iterator[tuple[str, Any]]:
+def expert_weights(home: Any, expert: str) -> Iterator[tuple[str, Any]]:
     """`expert`'s MLP tensors under the view's names, fetched from the actor one decoder layer at a time."""
     import ray
 
-    for names in ray.get(trainer.expert_weight_chunks.remote(expert)):
-        yield from ray.get(trainer.expert_weights.remote(names, expert))
+    for names in ray.get(home.expert_weight_chunks.remote(expert)):
+        yield from ray.get(home.expert_weights.remote(names, expert))
 
 
 def _mean(values: list[float]) -> float:

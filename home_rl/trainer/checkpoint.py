@@ -8,10 +8,13 @@ folder that looks complete; `resume=auto` takes the newest complete one.
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from home_rl.errors import ConfigError
 
@@ -70,3 +73,17 @@ def save_checkpoint(output_dir: str | Path, step: int, group, state: dict, keep:
         for _, old in complete_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def rng_state() -> dict:
+    """Python's and numpy's global RNG states, as JSON (a checkpoint's trainer_state.json holds them)."""
+    return {"python_rng": random.getstate(),
+            "numpy_rng": [x.tolist() if hasattr(x, "tolist") else x for x in np.random.get_state()]}
+
+
+def restore_rng(state: dict) -> None:
+    """Set the global RNGs to what `rng_state()` saved."""
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy_rng"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

@@ -60,7 +60,7 @@ def cold_start_config(name: str, data_path: Path, output_dir: Path):
         learner=LearnerConfig(num_learners=1, resources=Resources(cpus=1, threads=os.cpu_count() or 1),
                               lr=1e-4, warmup_steps=3, lr_schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0,
                               micro_batch_size=4),
-        trainer=TrainerConfig(total_steps=sum(n for *_, n in TRAIN_PLAN) // ROWS_PER_STEP, save_every=8, log_every=1),
+        trainer=TrainerConfig(total_steps=sum(n for *_, n in TRAIN_PLAN) // ROWS_PER_STEP, save_every=8, log_every=4),
         sft=SFTOptions(route="row"),
         output_dir=str(output_dir))
 
@@ -72,6 +72,8 @@ def cold_start_recipe(name: str) -> dict:
     sft = to_dict(cold_start_config(name, Path("DATA"), Path("OUT")))
     for key in ("resources", "micro_batch_size", "zero_stage"):  # where and how fast, not what (auto picks the stage)
         sft["learner"].pop(key)
+    for key in ("log_every", "console", "tensorboard"):  # what is shown, not what is trained
+        sft["trainer"].pop(key)
     rows = hashlib.sha256(json.dumps(train_rows()).encode()).hexdigest()  # a change of the generators rebuilds too
     recipe = {"plan": TRAIN_PLAN, "seed": TRAIN_SEED, "rows_sha256": rows, "sft": sft}
     return json.loads(json.dumps(recipe))  # as the stamp file reads back (tuples become lists)

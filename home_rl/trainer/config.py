@@ -13,7 +13,7 @@ class TrainerConfig:
     save_every: int = 50  # steps between checkpoints (0: none before the end)
     keep_checkpoints: int = 2  # newest checkpoints kept in output_dir/checkpoints
     resume: str = "auto"  # auto (newest checkpoint in output_dir, if any) | never | a checkpoint folder
-    log_every: int = 10  # steps between console log lines (metrics.jsonl gets every step)
+    log_every: int = 1  # steps between console lines (the step's metrics, seconds a step, time left); metrics.jsonl and TensorBoard get every step
     tensorboard: bool = True  # also write TensorBoard event files under output_dir/tensorboard
     console: str = "quiet"  # quiet (phases, steps, warnings, errors; library output to output_dir/logs/) | full (all of it on the console)
 
@@ -23,6 +23,9 @@ class TrainerConfig:
 @dataclasses.dataclass
 class GRPOTrainerConfig(TrainerConfig):
     max_staleness: int = 0  # asynchronous GRPO: step j's rollouts come from weights version j - k while the learners update (0: synchronous, rollout then update)
+    learnability_check: bool = True  # before the first step: pass@1, share of prompt groups scoring alike and entropy of the starting policy on training prompts (learnability/* at step 0)
+    learnability_prompts: int = 16  # training prompts the check samples (rollout.n each)
+    learnability_warn_alike: float = 0.6  # warn when more than this share of the check's groups score all alike
 
     def __post_init__(self):
         if self.max_staleness < 0:

@@ -174,8 +174,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     notes = []
     with ViewsRun(checkpoint, cfg.rollout, cfg.reward, cfg.actor.resources, out / "views",
                   plan_cfg=cfg) as run:
-        trainer = run.trainer
-        info = ray.get(trainer.info.remote())
+        home = run.home
+        info = ray.get(home.info.remote())
         if not info.get("router_trained"):
             msg = (f"the router of {checkpoint} was never trained by the router stage (recipes/train_router.py): "
                    "its choices say little")
@@ -184,19 +184,19 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         both = run.answer(rows, processor, cfg.data, cfg.seed)
         rows = both.rows
         batch = cfg.actor.feature_batch_size
-        features = ray.get(trainer.features.remote(router_inputs(rows, cfg.actor.template, processor, cfg.data), batch))
-        logits = ray.get(trainer.route_logits.remote(features))
+        features = ray.get(home.features.remote(router_inputs(rows, cfg.actor.template, processor, cfg.data), batch))
+        logits = ray.get(home.route_logits.remote(features))
         choices = {"hybrid": [EXPERTS[int(i)] for i in logits.argmax(1)],
                    "always_think": [THINK] * len(rows), "always_fast": [FAST] * len(rows),
                    "oracle": oracle_choices(both.stats[THINK], both.stats[FAST], cfg.rollout.max_response_tokens,
                                             cfg.labels.margin, cfg.labels.length_cost)}
         type_fit = None
         if type_rows:
-            type_features = ray.get(trainer.features.remote(
+            type_features = ray.get(home.features.remote(
                 router_inputs(type_rows, cfg.actor.template, processor, cfg.data), batch))
             labels = [EXPERT_INDEX[row_type(r, cfg.type_router.think_sources)] for r in type_rows]
-            type_fit = ray.get(trainer.fit.remote(type_features, labels, cfg.router))
-            type_logits = ray.get(trainer.route_logits.remote(features, type_fit.state))
+            type_fit = ray.get(home.fit.remote(type_features, labels, cfg.router))
+            type_logits = ray.get(home.route_logits.remote(features, type_fit.state))
             choices["type_labels"] = [EXPERTS[int(i)] for i in type_logits.argmax(1)]
             notes.append(f"type_labels: a router fitted on data-type labels (think for data_source in "
                          f"{list(cfg.type_router.think_sources)}, else fast; what Stage-SFT's router loss learns) by "

@@ -42,22 +42,23 @@ class StepRollouts:
     zero_std_frac: float  # share of the first round's groups that scored all alike
     regenerations: int  # rollout rounds run after the first to refill the batch
     reward_pool: dict[str, float]  # the reward pool's own metrics of the first round (failures, per-verifier means)
+    worker_restarts: int = 0  # rollout workers lost and replaced while making this step's rollouts
+    worker_restarts_total: int = 0  # ... since the run started
 
 
-def training_sequences(groups: Sequence[ScoredGroup], advantages: Sequence[float], rollout_log_probs: bool,
-                       behaviour_log_probs: bool = False) -> list[LearnerSequence]:
+def training_sequences(groups: Sequence[ScoredGroup], advantages: Sequence[float],
+                       rollout_log_probs: bool) -> list[LearnerSequence]:
     """One learner sequence per sample, in group order: prompt + response, its advantage on every response
-    token, and the rollout engine's log-probs: as the old policy's (`rollout_log_probs`, they stand in for
-    them) or as the behaviour policy's (`behaviour_log_probs`, for the importance weight old / behaviour)."""
+    token, and the rollout engine's log-probs as the behaviour policy's (`rollout_log_probs` in token_data: the
+    importance weight old / behaviour, and the engine-learner agreement metrics); with `rollout_log_probs`
+    they also stand in for the old policy's."""
     seqs, adv = [], iter(advantages)
     for group in groups:
         for sample in group.samples:
             n = len(sample.response_ids)
-            token_data = {"advantages": [float(next(adv))] * n}
+            token_data = {"advantages": [float(next(adv))] * n, "rollout_log_probs": list(sample.logprobs)}
             if rollout_log_probs:
                 token_data["old_log_probs"] = list(sample.logprobs)
-            if behaviour_log_probs:
-                token_data["rollout_log_probs"] = list(sample.logprobs)
             seqs.append(LearnerSequence(prompt_ids=group.prompt.prompt_token_ids, response_ids=list(sample.response_ids),
                                         route=THINK, token_data=token_data, mm_inputs=group.prompt.mm_inputs,
                                         mm_token_type_ids=group.prompt.mm_token_type_ids))

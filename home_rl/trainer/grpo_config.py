@@ -4,7 +4,8 @@ Derived settings are filled in by `resolve()`, which `load_config` calls as it l
 that `config.yaml` and `--help` show what runs: the trainable set of `train_shared`, the engines'
 sleep of colocated placement, the KL reference copy, the data seed, the paths of the synthetic
 training and held-out data (written under output_dir when the run starts), and the two files of a
-data folder with train/test splits (verl's train.parquet + test.parquet: train trains, test evaluates).
+data folder with train/test splits (verl's train.parquet + test.parquet: train trains, test evaluates),
+and the lengths the user did not set, fitted to the model's context (home_rl/context_length.py).
 """
 from __future__ import annotations
 
@@ -14,21 +15,20 @@ from pathlib import Path
 from data_pipelines import DataConfig, find_splits
 from home_rl.cluster import ClusterConfig
 from home_rl.config import ModelConfig
+from home_rl.context_length import fit_rollout_lengths
 from home_rl.errors import ConfigError
 from home_rl.experts import REFERENCE, THINK
 from home_rl.grpo import GRPOConfig
 from home_rl.learner.config import LearnerConfig
+from home_rl.memory_plan.run import Run
 from home_rl.rollout.config import RolloutConfig
 from home_rl.trainer.config import GRPOTrainerConfig
 from reward import RewardConfig
 
 
-# The embedded default is sized for 2 CPU cores and 24 GB (measured): a learner's micro-batch of 8
-# sequences of 192 tokens peaks at 5.9 GB (16: 9.2 GB, and no faster), and a step of 16 prompts x 4
-# samples (plus one regeneration round) takes about 77 s on a quiet machine, so 20 steps with start-up
-# and both evaluations took 29 min 51 s. On levels 1-4 with lr 3e-5, held-out accuracy rose 37.5% -> 59.5%
-# and the mean reward of the last 5 steps beat the first 5 by 0.18 (8 prompts x 8 samples: 48.5%, and
-# no reward trend); with an earlier cold start, 6e-5 lowered held-out accuracy where 3e-5 raised it.
+# The embedded default is sized for 2 CPU cores and 24 GB: a learner's micro-batch of 8 sequences of
+# 192 tokens peaks at 5.9 GB (16: 9.2 GB, and no faster). What its run measures, and why lr is 3e-5:
+# the README's main job section.
 
 
 def _data_defaults() -> DataConfig:
@@ -36,7 +36,7 @@ def _data_defaults() -> DataConfig:
     # ones moved a step's mean reward by +-0.1 (measured), as much as 20 steps of learning.
     # 16 prompts of 4 samples instead of 8 of 8: the same compute, and a step's mean reward varies
     # with which prompts it drew far more than with the samples of one prompt (most groups agree).
-    # The memory plan sizes the learners' micro-batches by data.max_prompt_tokens (home_rl/memory_plan.py): the
+    # The memory plan sizes the learners' micro-batches by data.max_prompt_tokens (home_rl/memory_plan/): the
     # synthetic prompts of levels 1-4 are at most 106 tokens with smollm2's tokenizer and 176 with the tiny test
     # models' (measured), while 1024 would plan 8 x 1184-token sequences per micro-batch, about 13 GiB of
     # activations per learner that these prompts never use: 2 learners would not fit 24 GiB.
@@ -66,6 +66,23 @@ def _trainer_defaults() -> GRPOTrainerConfig:
     return GRPOTrainerConfig(total_steps=20, save_every=5)
 
 
+def check_sampling_matches_learner(rollout: RolloutConfig) -> None:
+    """GRPO trains the policy that samples: the learners divide the logits by rollout.temperature in every pass,
+    and the engine's log-probs (old or behaviour policy, and the agreement metrics) must be of that same
+    distribution. A truncated distribution (top-p, top-k) is one no learner pass computes: refused, not biased."""
+    if rollout.temperature <= 0:
+        raise ConfigError(f"rollout.temperature={rollout.temperature}: GRPO needs sampling (greedy samples of a group "
+                          "are all alike and carry no signal); use a temperature above 0, e.g. 1.0")
+    if rollout.top_p < 1.0 or rollout.top_k != -1:
+        key = "rollout.top_p" if rollout.top_p < 1.0 else "rollout.top_k"
+        raise ConfigError(f"{key}={getattr(rollout, key.split('.')[1])}: the learners' log-probs cannot match a "
+                          "top-p/top-k truncated distribution, so GRPO would train another policy than the one that "
+                          "sampled; set rollout.top_p=1.0 and rollout.top_k=-1 (lower rollout.temperature instead)")
+    if rollout.logprobs_mode != "processed_logprobs" and rollout.temperature != 1.0:
+        raise ConfigError(f"rollout.logprobs_mode={rollout.logprobs_mode} gives log-probs at temperature 1, but the "
+                          f"rollout samples at rollout.temperature={rollout.temperature}: use processed_logprobs")
+
+
 @dataclasses.dataclass
 class EvalConfig:
     path: str = ""  # held-out prompts (any data format); "": the test split of a data.path folder with train/test splits, with synthetic training data `rows` new synthetic problems (output_dir/eval_data), else no evaluation
@@ -91,8 +108,9 @@ class GRPOThinkConfig:
     seed: int = 0  # seeds data order, sampling and every actor
     output_dir: str = "outputs/grpo_think"  # config.yaml, metrics.jsonl, checkpoints/, final/, plots/
 
-    def resolve(self) -> "GRPOThinkConfig":
-        """Fill in the settings derived from others (idempotent: a saved config.yaml resolves to itself)."""
+    def resolve(self, given: frozenset[str] = frozenset()) -> "GRPOThinkConfig":
+        """Fill in the settings derived from others (idempotent: a saved config.yaml resolves to itself);
+        `given`: the keys the user set (home_rl.config.resolved)."""
         if self.train_shared and self.learner.trainable == THINK:
             self.learner.trainable = "think,shared"  # the shared weights are in the think view: they sync too
         if self.cluster.mode == "colocated":
@@ -102,6 +120,7 @@ class GRPOThinkConfig:
         if self.trainer.max_staleness > 0 and self.cluster.mode == "colocated":
             raise ConfigError("trainer.max_staleness > 0 overlaps rollout with the update; cluster.mode=colocated "
                               "puts both on the same GPUs, whose engines sleep during updates: use disaggregated")
+        check_sampling_matches_learner(self.rollout)
         if self.algorithm.rollout_is == "auto":  # rollouts of older weights are corrected towards the old policy
             self.algorithm.rollout_is = "token" if self.trainer.max_staleness > 0 else "none"
         if self.algorithm.rollout_is != "none" and not self.algorithm.recompute_old_log_probs:
@@ -117,6 +136,7 @@ class GRPOThinkConfig:
             self.data.path = str(self.synthetic_data_path())
             if self.eval.rows and not self.eval.path:
                 self.eval.path = str(self.heldout_data_path())
+        fit_rollout_lengths(self, self.model.path, given)
         return self
 
     def synthetic_data_path(self) -> Path:
@@ -126,3 +146,11 @@ class GRPOThinkConfig:
     def heldout_data_path(self) -> Path:
         """Where the synthetic held-out rows of this run live (made at start-up when missing)."""
         return Path(self.output_dir) / "eval_data" / "data.jsonl"
+
+    def memory_run(self) -> Run:
+        """What this job runs, for the memory plan: learners, rollout workers serving the think view, reward
+        workers, and a driver that exports the view from the HOME checkpoint (an embedded model's cold start)."""
+        return Run(model_path=self.model.path, embedded_home=True, learner=self.learner, rollout=self.rollout,
+                   reward_workers=self.reward.num_workers, dtype=self.model.dtype,
+                   prompt_tokens=self.data.max_prompt_tokens, response_tokens=self.rollout.max_response_tokens,
+                   exports_view=True, mode=self.cluster.mode, on_long_prompt=self.rollout.on_long_prompt)

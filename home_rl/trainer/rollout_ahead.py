@@ -47,9 +47,10 @@ class ReadyBatch:
 class RolloutAhead:
     def __init__(self, collect: Callable[[int], tuple[Any, dict]], push: Callable[[WeightsSnapshot], dict],
                  evaluate: Callable[[int], dict], staleness: int, first_step: int, total_steps: int, version: int,
-                 pending: Optional[list[ReadyBatch]] = None):
+                 pending: Optional[list[ReadyBatch]] = None, reload: Optional[WeightsSnapshot] = None):
         """`collect(step)` makes step's rollouts (and their timings); `push(snapshot)` loads weights into the
-        engines; `evaluate(version)` scores the held-out prompts. The engines hold `version` now; `pending` are
+        engines; `evaluate(version)` scores the held-out prompts. The engines hold `version` now, or once
+        `reload` (weights of that version: a resumed run's) is loaded, the thread's first task; `pending` are
         batches made before a checkpoint (steps first_step...)."""
         if staleness < 0:
             raise ValueError(f"max_staleness must be >= 0, got {staleness}")
@@ -59,6 +60,7 @@ class RolloutAhead:
         self.ready: deque[ReadyBatch] = deque(pending or [])
         self.next_step = first_step + len(self.ready)  # the next step whose batch the thread makes
         self.snapshots: dict[int, WeightsSnapshot] = {}
+        self.reload = reload
         self.eval_at: set[int] = set()
         self.eval_results: dict[int, dict] = {}
         self.push_reports: list[dict] = []  # the pushes since the main thread last asked
@@ -165,7 +167,8 @@ class RolloutAhead:
                     if kind == "push":
                         self.engine_version = arg.version
                         self.push_reports.append(result)
-                        del self.snapshots[arg.version]
+                        self.snapshots.pop(arg.version, None)
+                        self.reload = None
                     elif kind == "eval":
                         self.eval_at.discard(arg)
                         self.eval_results[arg] = (result, self.busy[-1][1])
@@ -183,6 +186,8 @@ class RolloutAhead:
     def _next_task(self) -> Optional[tuple[str, Any]]:
         """In version order: evaluate the engines' version if asked, make every batch it is due for, then load the
         next version once it is published."""
+        if self.reload is not None:
+            return "push", self.reload
         if self.engine_version in self.eval_at:
             return "eval", self.engine_version
         # `<=`: a run resumed from a synchronous checkpoint starts at its own version, newer than j - k

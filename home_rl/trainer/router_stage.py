@@ -2,7 +2,7 @@
 
     rows -> fast view and think view answer each prompt n times (vLLM) -> scores (reward pool)
          -> per prompt: accuracy and mean length per expert -> label (labels.jsonl)
-         -> router features of the fast view (router trainer actor) -> CE fit (router.target: the
+         -> router features of the fast view (HomeModelActor) -> CE fit (router.target: the
             expected net gain as a soft target, or the 0/1 labels)
          -> output_dir/final: the HOME checkpoint with only the router changed
 """
@@ -51,8 +51,8 @@ def train_router(cfg: RouterStageConfig) -> Path:
     rollout = cfg.rollout if given is None else None  # given labels: no view answers
     with ViewsRun(checkpoint, rollout, cfg.reward, cfg.actor.resources, out / "views",
                   plan_cfg=cfg) as run:
-        trainer = run.trainer
-        info = ray.get(trainer.info.remote())
+        home = run.home
+        info = ray.get(home.info.remote())
         if given is None:
             both = run.answer(rows, processor, cfg.data, cfg.seed)
             records = [label_record(row, think, fast, cfg.rollout.max_response_tokens, cfg.labels.margin,
@@ -69,19 +69,19 @@ def train_router(cfg: RouterStageConfig) -> Path:
                  counts["fast"], out / "labels.jsonl")
 
         t0 = time.perf_counter()
-        features = ray.get(trainer.features.remote(router_inputs(labelled_rows, cfg.actor.template, processor, cfg.data),
-                                                   cfg.actor.feature_batch_size))
+        features = ray.get(home.features.remote(router_inputs(labelled_rows, cfg.actor.template, processor, cfg.data),
+                                                cfg.actor.feature_batch_size))
         timing["features_s"] = time.perf_counter() - t0
-        fit = ray.get(trainer.fit.remote(features, [EXPERT_INDEX[r["label"]] for r in records], cfg.router,
-                                         net_gains(records), prompt_kinds(records)))
+        fit = ray.get(home.fit.remote(features, [EXPERT_INDEX[r["label"]] for r in records], cfg.router,
+                                      net_gains(records), prompt_kinds(records)))
         _log_history(out, fit.history, cfg.tensorboard)
         note = {"labels": "rollouts" if given is None else f"file {cfg.labels_path}", "prompts": len(records),
                 "class_counts": counts, "margin": cfg.labels.margin, "length_cost": cfg.labels.length_cost,
                 "max_response_tokens": cfg.rollout.max_response_tokens, "template": cfg.actor.template,
                 "target": cfg.router.target,
                 "val_acc": fit.metrics.get("val/acc"), "best_epoch": fit.metrics["best_epoch"]}
-        ray.get(trainer.install_router.remote(fit.state, note))
-        final = Path(ray.get(trainer.save.remote(str(out / "final"))))
+        ray.get(home.install_router.remote(fit.state, note))
+        final = Path(ray.get(home.save.remote(str(out / "final"))))
         summary = {"checkpoint": str(checkpoint), "final": str(final), "router": info, "fit": fit.metrics,
                    "labels": {"prompts": len(records), **counts,
                               "by_source": _label_breakdown(records)},

@@ -17,22 +17,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
-from typing import Any, ClassVar, List, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, List, Optional
 
 from data_pipelines import DataConfig, PromptLoader, load_dataset, render_prompt, response_token_ids
 from data_pipelines.schema import BadRowError
 from data_pipelines.templates import solution_of, target_response
 from home_rl.cluster import ClusterConfig
-from home_rl.config import ModelConfig, save_config
+from home_rl.config import ModelConfig
+from home_rl.context_length import fit_lengths, model_context
 from home_rl.errors import ConfigError, HomeRLError
 from home_rl.experts import EXPERT_INDEX, EXPERTS, FAST, THINK, row_type
 from home_rl.learner.batch import Sequence
 from home_rl.learner.config import LearnerConfig
-from home_rl.trainer.checkpoint import read_state, resolve_resume, save_checkpoint
 from home_rl.trainer.config import TrainerConfig
-from home_rl.trainer.startup import check_memory, ensure_ray, job_placement, load_processor
+from home_rl.trainer.job import TrainingJob
+from home_rl.trainer.startup import job_placement, load_processor, shut_down
+
+if TYPE_CHECKING:
+    from home_rl.memory_plan.run import Run
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class SFTOptions:
     think_sources: List[str] = dataclasses.field(default_factory=lambda: ["math"])  # data_source values that are reasoning data (their type is think)
     router_loss_weight: float = 0.0  # HOME models: weight of the router's cross-entropy on each row's type (the paper: 1.0)
     router_template: str = FAST  # which template's rendering of the prompt the router reads (the same for every row)
-    max_response_tokens: int = 512  # reference responses longer than this are bad rows
+    max_response_tokens: int = 512  # reference responses longer than this are bad rows (unset: lowered with data.max_prompt_tokens to fit the model's context)
 
     CHOICES: ClassVar[dict] = {"route": ("row", THINK, FAST, "both"), "router_template": EXPERTS}
 
@@ -56,6 +59,19 @@ class SFTConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)  # steps, checkpoints, resume
     sft: SFTOptions = dataclasses.field(default_factory=SFTOptions)  # what each row trains
     output_dir: str = "outputs/sft"  # config.yaml, metrics.jsonl, checkpoints/ and final/ go here
+
+    def memory_run(self) -> "Run":
+        """What this job runs, for the memory plan: learners only (an embedded model's name means its dense model)."""
+        from home_rl.memory_plan.run import Run
+
+        return Run(model_path=self.model.path, learner=self.learner, dtype=self.model.dtype,
+                   prompt_tokens=self.data.max_prompt_tokens, response_tokens=self.sft.max_response_tokens)
+
+    def resolve(self, given: frozenset[str] = frozenset()) -> "SFTConfig":
+        """The lengths the user did not set, fitted to the model's context (home_rl/context_length.py): a
+        sequence is a prompt and its response, so data.max_prompt_tokens + sft.max_response_tokens."""
+        fit_lengths(self, ["data.max_prompt_tokens", "sft.max_response_tokens"], model_context(self.model.path), given)
+        return self
 
 
 # ----------------------------------------------------------------------------- rows -> sequences
@@ -135,7 +151,6 @@ def run_sft(cfg: SFTConfig) -> Path:
 
     if cfg.trainer.total_steps < 1:
         raise ConfigError(f"trainer.total_steps must be at least 1, got {cfg.trainer.total_steps}")
-    out = Path(cfg.output_dir)
     model_dir = resolve_model_path(cfg.model.path)
     is_home = is_home_checkpoint(model_dir)
     if cfg.sft.router_loss_weight and not is_home:
@@ -146,65 +161,44 @@ def run_sft(cfg: SFTConfig) -> Path:
     rows = [r for r in data.rows if r["id"] in sequences]
     loader = PromptLoader(rows, cfg.data.prompts_per_step, seed=cfg.data.seed, shuffle=cfg.data.shuffle,
                           drop_last=cfg.data.drop_last, stratify_by=cfg.data.stratify_by)
-    cpus = cfg.learner.num_learners * cfg.learner.resources.cpus
-    joined = check_memory(cfg, "sft", model_dir, cpus)  # before config.yaml: it records zero_stage=auto's pick
-    save_config(cfg, out)
-
-    resume_from = resolve_resume(out, cfg.trainer.resume)
-    started_ray = ensure_ray(cpus) or joined
+    job = TrainingJob(cfg, model_dir, cfg.learner.num_learners * cfg.learner.resources.cpus)
+    placement = group = None
     try:
         placement = job_placement(ClusterConfig(), learner=cfg.learner)
         group = LearnerGroup(cfg.learner, str(model_dir), cfg.model.dtype, cfg.trainer.total_steps, placement)
-        try:
-            log.info("SFT of %s (%s, %s) on %d rows (%d sequences per epoch), learners: %s", model_dir,
-                     "HOME" if is_home else "dense", group.info[0]["dtype"], len(rows),
-                     sum(len(s) for s in sequences.values()), group.info[0])
-            return train_loop(cfg, group, loader, sequences, resume_from)
-        finally:
-            group.shutdown()
-            placement.shutdown()
+        log.info("SFT of %s (%s, %s) on %d rows (%d sequences per epoch), learners: %s", model_dir,
+                 "HOME" if is_home else "dense", group.info[0]["dtype"], len(rows),
+                 sum(len(s) for s in sequences.values()), group.info[0])
+        return train_loop(cfg, job, group, loader, sequences)
     finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+        shut_down(group, placement)
+        job.close()
 
 
-def train_loop(cfg: SFTConfig, group, loader: PromptLoader, sequences: dict[str, list[Sequence]],
-               resume_from: Path | None) -> Path:
+def train_loop(cfg: SFTConfig, job: TrainingJob, group, loader: PromptLoader,
+               sequences: dict[str, list[Sequence]]) -> Path:
     """Steps from the checkpoint (or 0) to trainer.total_steps: metrics, checkpoints, then output_dir/final."""
-    from home_rl.tracking import MetricsLogger, progress
-
-    out = Path(cfg.output_dir)
     step = 0
-    if resume_from is not None:
-        state = read_state(resume_from)
-        step = group.load_checkpoint(str(resume_from))
-        if step != state["step"]:
-            raise HomeRLError(f"checkpoint {resume_from} holds learner step {step} but trainer step {state['step']}")
+    state = job.restore(group)
+    if state is not None:
+        step = state["step"]
         loader.load_state_dict(state["loader"])
-        log.info("resumed from %s at step %d", resume_from, step)
-
-    metrics_log = MetricsLogger(out, resume_step=step, tensorboard=cfg.trainer.tensorboard)
-    bar = progress(cfg.trainer.total_steps, initial=step, desc="sft")
+        log.info("resumed from %s at step %d", job.resume_from, step)
+    steps = job.step_log(step, "sft", step_line)
     try:
         while step < cfg.trainer.total_steps:
             batch = [s for row in loader.next_batch() for s in sequences[row["id"]]]
             metrics = group.train_step(batch, "sft", router_loss_weight=cfg.sft.router_loss_weight)
             step += 1
             metrics["epoch"] = loader.epoch
-            metrics_log.log(step, metrics)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            if step % max(cfg.trainer.log_every, 1) == 0 or step == cfg.trainer.total_steps:
-                log.info("step %d/%d loss %.4f grad_norm %.3f lr %.2e tokens/s %.0f", step, cfg.trainer.total_steps,
-                         metrics["loss"], metrics["grad_norm"], metrics["lr"], metrics["tokens_per_s"])
+            steps.log(step, metrics)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < cfg.trainer.total_steps:
-                save_checkpoint(out, step, group, {"loader": loader.state_dict()}, cfg.trainer.keep_checkpoints)
+                job.checkpoint(step, group, {"loader": loader.state_dict()})
     finally:
-        bar.close()
-        metrics_log.close()
-    start = time.perf_counter()
-    final = Path(group.save_model(str(out / "final")))
-    log.info("final model written to %s (%.1f s)", final, time.perf_counter() - start)
-    return final
+        steps.close()
+    return job.save_final(group)
+
+
+def step_line(m: dict) -> str:
+    """The console's words for an SFT step."""
+    return f"loss {m['loss']:.4f}, grad_norm {m['grad_norm']:.3f}, lr {m['lr']:.2e}, {m['tokens_per_s']:.0f} tokens/s"

@@ -3,7 +3,7 @@
 One path for all of them (GRPO, SFT and the cold start, the router stage, the evaluation):
 
     started = ensure_ray(cpus_needed)          # join RAY_ADDRESS's cluster, or start a local runtime
-    check_memory(cfg, "grpo_think", home, cpus)  # every actor's predicted peak memory; learner.zero_stage=auto resolved
+    check_memory(cfg, home, cpus)  # every actor's predicted peak memory; learner.zero_stage=auto resolved
     placement = job_placement(cfg.cluster, learner=cfg.learner, rollout=cfg.rollout, reward=cfg.reward)
     home = resolve_home_checkpoint(path, key, make_it)
     processor = load_processor(home)
@@ -61,25 +61,45 @@ def ensure_ray(cpus_needed: float) -> bool:
     return True
 
 
-def check_memory(cfg: Any, recipe: str, model_dir: str | Path, cpus_needed: float) -> bool:
-    """The memory plan's check (home_rl/memory_plan.py) beside the resource check, before any actor starts:
+def check_memory(cfg: Any, model_dir: str | Path, cpus_needed: float) -> bool:
+    """The memory plan's check (home_rl/memory_plan/) beside the resource check, before any actor starts:
     a config whose actors cannot fit, or whose lengths exceed the model's context, is a ConfigError (exit 2)
-    with one line naming the knob; learner.zero_stage=auto becomes the stage the plan chose.
+    with one line naming the knob. learner.zero_stage=auto is resolved here, and only here, for a recipe: the
+    stage memory_plan.resolve_zero_stage picks from the plan is written into cfg.learner.zero_stage.
 
-    The plan is for where the job runs: with RAY_ADDRESS the cluster, which is known only once joined, so
-    this joins it first (ensure_ray; returns whether it connected); a local run is planned for this machine
-    before Ray starts. Call it before save_config, so that config.yaml records the chosen stage."""
+    The config says what it runs (its memory_run()). The plan is for where the job runs: with RAY_ADDRESS the
+    cluster, which is known only once joined, so this joins it first (ensure_ray; returns whether it
+    connected); a local run is planned for this machine before Ray starts. Call it before save_config, so that config.yaml records the resolved stage."""
     from home_rl import console
     from home_rl.memory_plan import check_memory as plan_check
 
     started = ensure_ray(cpus_needed) if os.environ.get("RAY_ADDRESS") else False
     start = time.perf_counter()
-    result = plan_check(cfg, recipe, model_dir)
+    result = plan_check(cfg, model_dir)  # the plan at the stage auto resolves to (result.zero_stage)
+    learner = getattr(cfg, "learner", None)
+    if learner is not None and learner.zero_stage == "auto":
+        learner.zero_stage = result.zero_stage
+        learners = [a for a in result.actors if a.role == "learner"]
+        fits = "the lowest stage that fits" if all(a.fits for a in learners) else "none fits: the most partitioned"
+        log.info("memory: learner.zero_stage=auto chose ZeRO stage %d (%.1f GiB per learner, %s)",
+                 result.zero_stage, learners[0].predicted_gib if learners else 0.0, fits)
     peaks = ", ".join(f"{a.role} {a.predicted_gib:.1f}/{a.available_gib:.0f} GiB" for a in result.actors
                       if a.role in ("learner", "rollout") or a.device == "host")
     console.phase_done("memory", f"plan {'fits' if result.fits else 'not checked (cluster.check_memory=false)'}: "
                                  f"{peaks}", start)
     return started
+
+
+def shut_down(*parts: Any) -> None:
+    """Shut down each part that was started (actor groups, pools, placements), best effort at exit: a dead actor
+    must not hide the real error."""
+    for part in parts:
+        if part is None:
+            continue
+        try:
+            part.shutdown()
+        except Exception:
+            log.exception("shutdown of %s failed", type(part).__name__)
 
 
 def job_placement(cluster: ClusterConfig, learner: Optional[LearnerConfig] = None,

@@ -1,0 +1,111 @@
+"""The Ray actor that holds a HOME model for the router stage and the evaluation.
+
+It exports the experts' dense views (for the vLLM rollout workers) and their weights (for a view
+swap), computes router features, fits the router on them and saves the checkpoint with the fitted
+router. It holds the model in plain torch (no DeepSpeed: no gradient ever reaches the base model)
+and writes the HOME checkpoint with only the router changed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from home_rl.console import actor_env, capture_output
+from home_rl.model.router import Router
+from home_rl.resources import Resources
+from home_rl.router.config import RouterTrainConfig
+from home_rl.router.features import compute_features
+from home_rl.router.trainer import FitResult, fit_router
+
+
+class HomeModelActor:
+    """Ray actor around one HOME checkpoint: exports its views, computes router features, fits and saves the router.
+
+        actor = ray.remote(HomeModelActor).remote(checkpoint, threads=1)
+        feats = ray.get(actor.features.remote(items, batch_size=8))
+        fit = ray.get(actor.fit.remote(feats, labels, cfg))
+        ray.get(actor.install_router.remote(fit.state, note)); ray.get(actor.save.remote(out_dir))
+    """
+
+    def __init__(self, checkpoint: str, threads: int = 1, device: str = "cpu"):
+        capture_output("home-model")  # first: transformers' output goes to the run's logs/
+        from home_rl.model import HomeModel
+
+        torch.set_num_threads(max(1, threads))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.checkpoint = str(checkpoint)
+        self.device = torch.device(device)
+        # The checkpoint's own dtype: every tensor but the router's is saved back bit for bit.
+        self.home = HomeModel.from_pretrained(self.checkpoint).to(self.device).eval()
+        self.home.requires_grad_(False)
+
+    def info(self) -> dict:
+        cfg = self.home.home_config
+        return {"hidden_size": self.home.router.net[0].normalized_shape[0],
+                "router_hidden_size": cfg["router_hidden_size"], "router_layer": cfg["router_layer"],
+                "router_pooling": cfg["router_pooling"], "multimodal": self.home.arch.multimodal,
+                "dtype": str(self.home.base.dtype).replace("torch.", ""), "router_trained": cfg.get("router_trained")}
+
+    def export_view(self, expert: str, out_dir: str) -> str:
+        """Write `expert`'s dense view (for the vLLM rollout workers) unless a complete one is there."""
+        if not (Path(out_dir) / "config.json").is_file():
+            self.home.export_view(expert, out_dir)
+        return str(out_dir)
+
+    def expert_weight_chunks(self, expert: str) -> list[list[str]]:
+        """Names of `expert`'s tensors in the model, one list per decoder layer (what a view swap sends)."""
+        chunks: dict[int, list[str]] = {}
+        for name in self.home.state_dict():
+            if f".experts.{expert}." in name:
+                layer = int(re.search(r"\.layers\.(\d+)\.", name).group(1))
+                chunks.setdefault(layer, []).append(name)
+        return [chunks[k] for k in sorted(chunks)]
+
+    def expert_weights(self, names: list[str], expert: str) -> list[tuple[str, torch.Tensor]]:
+        """Those tensors under the view's (dense model's) names, on the CPU."""
+        from home_rl.model import view_name
+
+        state = self.home.state_dict()
+        return [(view_name(n, expert), state[n].detach().to("cpu", copy=True)) for n in names]
+
+    def features(self, items: list[dict], batch_size: int = 8) -> torch.Tensor:
+        return compute_features(self.home, items, batch_size, device=self.device)
+
+    def fit(self, features: torch.Tensor, labels: list[int], cfg: RouterTrainConfig,
+            net_gains: Optional[list[float]] = None, strata: Optional[list[str]] = None) -> FitResult:
+        init = self.home.router.state_dict() if cfg.init == "checkpoint" else None
+        return fit_router(features, labels, cfg, self.home.home_config["router_hidden_size"], init, net_gains, strata)
+
+    def route_logits(self, features: torch.Tensor, state: Optional[dict] = None) -> torch.Tensor:
+        """Router logits [N, 2] for [fast, think]: the model's own router, or a router with `state`."""
+        router = self.home.router
+        if state is not None:
+            router = Router(features.shape[1], self.home.home_config["router_hidden_size"]).float()
+            router.load_state_dict(state)
+        with torch.no_grad():
+            return router.to(self.device)(features.to(self.device)).float().cpu()
+
+    def install_router(self, state: dict, note: dict) -> None:
+        """Put a fitted router into the model (in the model's dtype) and record how it was trained."""
+        own = self.home.router.state_dict()
+        with torch.no_grad():
+            for key, value in state.items():
+                own[key].copy_(value.to(own[key].dtype))
+        self.home.home_config["router_trained"] = note
+
+    def save(self, out_dir: str) -> str:
+        return str(self.home.save_pretrained(out_dir))
+
+
+def start_home_model_actor(checkpoint: str, resources: Resources) -> Any:
+    """The HomeModelActor on the running Ray cluster (CUDA when it is given a GPU)."""
+    import ray
+
+    threads = resources.num_threads()
+    actor = ray.remote(HomeModelActor).options(**resources.actor_options(),
+                                               runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), **actor_env()}})
+    return actor.remote(checkpoint, threads, "cuda" if resources.gpus > 0 else "cpu")
