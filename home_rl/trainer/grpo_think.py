@@ -239,6 +239,7 @@ class GRPOThinkTrainer:
     def evaluation(self, step: int) -> tuple[dict[str, float], float]:
         """The held-out evaluation of the weights after `step` updates (asked for by train_step, or the baseline
         at 0), appended to eval.jsonl; and when it ended (perf_counter)."""
+        log.info("eval at step %d: the think view on the held-out prompts ...", step)
         metrics, ended = self.rollout.evaluation(step)
         with open(self.out / "eval.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
