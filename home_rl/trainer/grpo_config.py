@@ -44,8 +44,9 @@ def _data_defaults() -> DataConfig:
 
 
 def _rollout_defaults() -> RolloutConfig:
-    # the worked trace of a six-step problem is about 120 tokens; n=4: see _data_defaults
-    return RolloutConfig(n=4, max_response_tokens=160)
+    # the worked trace of a six-step problem is about 120 tokens; n=4: see _data_defaults. Temperature 1.3:
+    # the cold start samples with little entropy at 1.0, and most groups then score alike (README, main job)
+    return RolloutConfig(n=4, max_response_tokens=160, temperature=1.3)
 
 
 def _learner_defaults() -> LearnerConfig:
