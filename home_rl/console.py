@@ -58,6 +58,10 @@ def setup(output_dir: Optional[str], mode: str = "quiet") -> Optional[Path]:
     root.setLevel(level)
     root.handlers = [to_file, to_console]
     logging.captureWarnings(True)  # libraries' FutureWarnings and the like: driver.log, not the console
+    with contextlib.suppress(ImportError):  # transformers' "Loading weights" bars (the cold start's upcycle)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     _traceback_log.handlers, _traceback_log.propagate = [to_file], False
     _state["log_dir"] = folder
     return folder
