@@ -89,3 +89,11 @@ def bf16_supported(device: Any) -> bool:
         return False
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def compute_dtype(dtype: Any, device: Any) -> Any:
+    """The dtype to compute in on `device` for weights stored in `dtype`: float32 for bfloat16 where the device
+    only emulates it (a forward of the embedded default's router features took about 0.8 s a prompt so)."""
+    import torch
+
+    return torch.float32 if dtype == torch.bfloat16 and not bf16_supported(torch.device(device)) else dtype

@@ -54,7 +54,7 @@ def test_markdown_and_plot(tmp_path):
         ("always_fast", ["fast"] * 4), ("oracle", ["fast", "think", "think", "fast"]))}
     report["info"] = {"checkpoint": "ckpt", "notes": ["a note"]}
     text = markdown_report(report)
-    assert "| group | prompts | hybrid (router) | always think | always fast | oracle (labels) |" in text
+    assert "| group | prompts | hybrid (router) | always think | always fast | oracle (hindsight) |" in text
     assert "| math@steps>=3 | 2 | 75.0% | 75.0% | 25.0% | 75.0% |" in text  # accuracy table
     assert "| all | 4 | 48.5 | 62.5 | 7.0 | 48.5 |" in text  # mean tokens table
     assert "type labels" not in text and "- a note" in text

@@ -205,3 +205,12 @@ def test_batched_features_match_one_prompt_at_a_time(tiny_model, tmp_path):
     batched = compute_features(home, items, batch_size=5)
     alone = torch.cat([compute_features(home, [x]) for x in items])
     assert batched.shape == (5, 64) and torch.allclose(batched, alone, atol=1e-5)
+    # every candidate input from one forward pass: the router's own is compute_features', another layer's is what
+    # a router reading that layer computes
+    from home_rl.router.features import candidate_features
+
+    by = candidate_features(home, items, [(1, "mean"), (0, "mean"), (0, "last")], batch_size=5)
+    assert torch.equal(by[(1, "mean")], batched)
+    home.home_config.update(router_layer=0, router_pooling="last")
+    assert torch.allclose(by[(0, "last")], compute_features(home, items, batch_size=5), atol=1e-6)
+    assert not torch.allclose(by[(0, "mean")], by[(0, "last")])

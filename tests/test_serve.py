@@ -246,8 +246,26 @@ def test_router_choices_equal_the_evaluations(client, stage_run):
         home = reply.model_extra["home"]
         assert home["expert"] == row["hybrid"], (row["id"], row["data_source"], home)
         assert home["chosen_by"] == "router" and 0 <= home["think_probability"] <= 1
-        assert (home["think_probability"] > 0.5) == (home["expert"] == "think")
+        assert (home["think_probability"] > home["threshold"]) == (home["expert"] == "think")
         assert reply.usage.completion_tokens <= 4 and reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_reasoning_effort_moves_the_threshold(client, stage_run):
+    """OpenAI's reasoning_effort on the same 64 prompts: thinking ratios that do not fall from low to high, high
+    thinks on every prompt, and no effort is the checkpoint's calibrated point (medium)."""
+    point = json.loads((stage_run["final"] / "config.json").read_text())["home"]["router_operating_point"]
+    rng = random.Random(0)
+    prompts = [f"What is {rng.randint(1, 99)} {rng.choice('+-*')} {rng.randint(1, 99)}?" for _ in range(64)]
+    ratios = {}
+    for effort in (None, "low", "medium", "high"):
+        extra = {} if effort is None else {"reasoning_effort": effort}
+        homes = [client.chat.completions.create(model="home", messages=[{"role": "user", "content": p}], max_tokens=1,
+                                                temperature=0, extra_body=extra).model_extra["home"] for p in prompts]
+        assert {h["reasoning_effort"] for h in homes} == {effort}
+        assert {h["threshold"] for h in homes} == {point["efforts"][effort or "medium"]}
+        assert all((h["think_probability"] > h["threshold"]) == (h["expert"] == "think") for h in homes)
+        ratios[effort] = sum(h["expert"] == "think" for h in homes) / len(homes)
+    assert ratios["low"] <= ratios["medium"] == ratios[None] <= ratios["high"] == 1.0, ratios
 
 
 def test_streaming_adds_up_to_the_whole_answer(client, stage_run):
@@ -271,7 +289,8 @@ def test_forced_expert_skips_the_router(client, server):
     for expert in ("think", "fast"):
         reply = client.chat.completions.create(model="home", messages=[{"role": "user", "content": "What is 2 + 3?"}],
                                                max_tokens=3, extra_body={"expert": expert})
-        assert reply.model_extra["home"] == {"expert": expert, "think_probability": None, "chosen_by": "request"}
+        assert reply.model_extra["home"] == {"expert": expert, "think_probability": None, "threshold": None,
+                                             "reasoning_effort": None, "chosen_by": "request"}
     text = client.completions.create(model="home", prompt="2 + 3 =", max_tokens=3)
     assert text.model_extra["home"]["chosen_by"] == "router" and text.usage.completion_tokens <= 3
     assert [m.id for m in client.models.list().data] == ["home"]

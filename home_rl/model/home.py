@@ -207,21 +207,34 @@ class HomeModel(nn.Module):
 
     def router_features(self, **inputs) -> torch.Tensor:
         """Pooled hidden states after the router's layer of the fast view: [batch, hidden]."""
-        layer = decoder_layers(self.base, self.arch)[self.home_config["router_layer"]]
-        captured = {}
+        at = (self.home_config["router_layer"], self.home_config["router_pooling"])
+        return self.hidden_features([at], **inputs)[at]
 
-        def stop_after(module, args, output):
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output
-            raise _EnoughLayers  # the layers above the router's are not needed
+    def hidden_features(self, candidates: list[tuple[int, str]], **inputs) -> dict[tuple[int, str], torch.Tensor]:
+        """Pooled hidden states of the fast view after each (decoder layer, pooling) of `candidates`, from one
+        forward pass that stops after the deepest of them: {(layer, pooling): [batch, hidden]}."""
+        layers = decoder_layers(self.base, self.arch)
+        wanted = sorted({layer for layer, _ in candidates})
+        if wanted[0] < 0 or wanted[-1] >= len(layers):
+            raise ValueError(f"router layers {wanted} outside the model's {len(layers)} decoder layers")
+        captured: dict[int, torch.Tensor] = {}
 
-        handle = layer.register_forward_hook(stop_after)
+        def keep(index: int):
+            def hook(module, args, output):
+                captured[index] = output[0] if isinstance(output, tuple) else output
+                if index == wanted[-1]:
+                    raise _EnoughLayers  # the layers above the deepest wanted are not needed
+            return hook
+
+        handles = [layers[i].register_forward_hook(keep(i)) for i in wanted]
         try:
             self.forward(route=FAST, **inputs)
         except _EnoughLayers:
             pass
         finally:
-            handle.remove()
-        return pool(captured["hidden"], inputs.get("attention_mask"), self.home_config["router_pooling"])
+            for handle in handles:
+                handle.remove()
+        return {(layer, how): pool(captured[layer], inputs.get("attention_mask"), how) for layer, how in candidates}
 
     def route_logits(self, **inputs) -> torch.Tensor:
         """Router logits [batch, 2] for [fast, think]."""

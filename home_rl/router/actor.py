@@ -16,9 +16,9 @@ import torch
 
 from home_rl.console import actor_env, capture_output
 from home_rl.model.router import Router
-from home_rl.resources import Resources
+from home_rl.resources import Resources, compute_dtype
 from home_rl.router.config import RouterTrainConfig
-from home_rl.router.features import compute_features
+from home_rl.router.features import candidate_features, compute_features
 from home_rl.router.trainer import FitResult, fit_router
 
 
@@ -39,16 +39,23 @@ class HomeModelActor:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.checkpoint = str(checkpoint)
         self.device = torch.device(device)
-        # The checkpoint's own dtype: every tensor but the router's is saved back bit for bit.
-        self.home = HomeModel.from_pretrained(self.checkpoint).to(self.device).eval()
+        # Computed in float32 where the device only emulates bfloat16; saved back in the checkpoint's own dtype, so
+        # every tensor but the router's is written bit for bit (float32 holds every bfloat16 value exactly).
+        self.home = HomeModel.from_pretrained(self.checkpoint).eval()
+        self.saved_dtype = self.home.base.dtype
+        self.home.to(self.device, compute_dtype(self.saved_dtype, self.device.type))
         self.home.requires_grad_(False)
 
     def info(self) -> dict:
         cfg = self.home.home_config
+        from home_rl.model.architectures import decoder_layers
+
         return {"hidden_size": self.home.router.net[0].normalized_shape[0],
+                "num_layers": len(decoder_layers(self.home.base, self.home.arch)),
                 "router_hidden_size": cfg["router_hidden_size"], "router_layer": cfg["router_layer"],
                 "router_pooling": cfg["router_pooling"], "multimodal": self.home.arch.multimodal,
-                "dtype": str(self.home.base.dtype).replace("torch.", ""), "router_trained": cfg.get("router_trained")}
+                "dtype": str(self.saved_dtype).replace("torch.", ""), "router_trained": cfg.get("router_trained"),
+                "operating_point": cfg.get("router_operating_point")}
 
     def export_view(self, expert: str, out_dir: str) -> str:
         """Write `expert`'s dense view (for the vLLM rollout workers) unless a complete one is there."""
@@ -72,7 +79,12 @@ class HomeModelActor:
         state = self.home.state_dict()
         return [(view_name(n, expert), state[n].detach().to("cpu", copy=True)) for n in names]
 
-    def features(self, items: list[dict], batch_size: int = 8) -> torch.Tensor:
+    def features(self, items: list[dict], batch_size: int = 8,
+                 candidates: Optional[list[tuple[int, str]]] = None) -> Any:
+        """Router features at the router's own layer and pooling; with `candidates` ((layer, pooling) pairs), a
+        dict of features per candidate (what the router stage chooses the router's input from)."""
+        if candidates:
+            return candidate_features(self.home, items, candidates, batch_size, device=self.device)
         return compute_features(self.home, items, batch_size, device=self.device)
 
     def fit(self, features: torch.Tensor, labels: list[int], cfg: RouterTrainConfig,
@@ -89,23 +101,39 @@ class HomeModelActor:
         with torch.no_grad():
             return router.to(self.device)(features.to(self.device)).float().cpu()
 
-    def install_router(self, state: dict, note: dict) -> None:
-        """Put a fitted router into the model (in the model's dtype) and record how it was trained."""
+    def install_router(self, state: dict, note: dict, operating_point: Optional[dict] = None,
+                       reads: Optional[tuple[int, str]] = None) -> None:
+        """Put a fitted router into the model (in the model's dtype) and record how it was trained, the
+        threshold it routes with (home_rl/router/operating_point.py; none: its argmax) and, when given, the
+        (layer, pooling) its input is read at."""
+        if reads is not None:
+            self.home.home_config["router_layer"], self.home.home_config["router_pooling"] = int(reads[0]), reads[1]
         own = self.home.router.state_dict()
         with torch.no_grad():
             for key, value in state.items():
                 own[key].copy_(value.to(own[key].dtype))
         self.home.home_config["router_trained"] = note
+        self.home.home_config.pop("router_operating_point", None)
+        if operating_point is not None:
+            self.home.home_config["router_operating_point"] = operating_point
 
     def save(self, out_dir: str) -> str:
-        return str(self.home.save_pretrained(out_dir))
+        computed = self.home.base.dtype
+        self.home.to(self.saved_dtype)
+        try:
+            return str(self.home.save_pretrained(out_dir))
+        finally:
+            self.home.to(computed)
 
 
 def start_home_model_actor(checkpoint: str, resources: Resources) -> Any:
-    """The HomeModelActor on the running Ray cluster (CUDA when it is given a GPU)."""
+    """The HomeModelActor on the running Ray cluster (CUDA when it is given a GPU). On CPU it computes with every
+    core of its node unless resources.threads says otherwise: it computes only while the engines are down (the
+    router stage and the evaluation run one after the other), and 2 threads computed the embedded default's
+    features in 0.53x the time of 1 (benchmarks/router_features.py)."""
     import ray
 
-    threads = resources.num_threads()
+    threads = resources.num_threads(default=0 if resources.gpus else (os.cpu_count() or 1))
     actor = ray.remote(HomeModelActor).options(**resources.actor_options(),
                                                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), **actor_env()}})
     return actor.remote(checkpoint, threads, "cuda" if resources.gpus > 0 else "cpu")

@@ -10,6 +10,7 @@ from home_rl.errors import ConfigError
 from home_rl.memory_plan.run import Run
 from home_rl.experts import EXPERTS, FAST
 from home_rl.resources import Resources, resources_field
+from home_rl.router.operating_point import parse_budget
 from home_rl.rollout.config import RolloutConfig
 from reward import RewardConfig
 
@@ -68,6 +69,7 @@ class RouterTrainConfig:
     target: str = "expected_gain"  # expected_gain (soft P(think) = 0.5 + net gain / 2: think where similar prompts gain on average) | label (the 0/1 labels)
     class_weights: str = "auto"  # balanced (weight of a class = prompts / (classes * its prompts)) | none | auto (balanced for target=label, none for expected_gain)
     seed: int = 0  # seeds the split, the initial weights and the batch order
+    budget: str = "accuracy=1"  # the operating point, calibrated on the validation split: tokens=F (most accurate at <= F x always-think's tokens) | accuracy=D (fewest tokens within D points of always-think) | "" (argmax)
 
     CHOICES: ClassVar[dict] = {"init": ("fresh", "checkpoint"), "target": ("expected_gain", "label"),
                                "class_weights": ("auto", "balanced", "none")}
@@ -77,6 +79,7 @@ class RouterTrainConfig:
             raise ConfigError(f"router.val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.batch_size < 1 or self.max_epochs < 1 or self.patience < 1:
             raise ConfigError("router.batch_size, router.max_epochs and router.patience must be at least 1")
+        parse_budget(self.budget)
 
 
 @dataclasses.dataclass
@@ -101,8 +104,25 @@ class RouterStageConfig:
     actor: RouterActorConfig = dataclasses.field(default_factory=RouterActorConfig)  # the HomeModelActor: holds the HOME model, computes router features, fits the router
     labels_path: str = ""  # reuse an existing labels.jsonl (no rollouts); its ids must be rows of the data
     think_sources: List[str] = dataclasses.field(default_factory=lambda: ["math"])  # data types labelled think by the paper's type labels (recorded beside each label)
+    select_layers: List[int] = dataclasses.field(default_factory=list)  # decoder layers the router's input may be read after, chosen by validation loss ([]: a quarter, half and three quarters of the depth, and the checkpoint's own)
+    select_poolings: List[str] = dataclasses.field(default_factory=lambda: ["mean", "last"])  # poolings it may use, chosen with the layer
     seed: int = 0  # seeds sampling (the fit has its own router.seed)
     tensorboard: bool = False  # also write the fit's curves as TensorBoard events
+
+    def __post_init__(self):
+        bad = [p for p in self.select_poolings if p not in ("mean", "last")]
+        if bad or not self.select_poolings:
+            raise ConfigError(f"select_poolings={self.select_poolings}: each must be mean or last (at least one)")
+        if any(layer < 0 for layer in self.select_layers):
+            raise ConfigError(f"select_layers={self.select_layers}: decoder layers count from 0")
+
+    def candidates(self, num_layers: int, own: tuple[int, str]) -> list[tuple[int, str]]:
+        """The (layer, pooling) pairs the router's input is chosen from, the checkpoint's own first."""
+        layers = self.select_layers or sorted({num_layers // 4, num_layers // 2, 3 * num_layers // 4, own[0]})
+        if bad := [layer for layer in layers if layer >= num_layers]:
+            raise ConfigError(f"select_layers: {bad} outside the model's {num_layers} decoder layers")
+        pairs = [(layer, how) for layer in layers for how in self.select_poolings]
+        return [own] + [p for p in pairs if p != own] if own in pairs else pairs
 
     def memory_run(self) -> Run:
         """What this stage runs, for the memory plan: rollout workers serving each view in turn (none when
@@ -143,6 +163,8 @@ class EvaluateConfig:
     router: RouterTrainConfig = dataclasses.field(default_factory=lambda: RouterTrainConfig(target="label"))  # how the type-label router is fitted (type labels carry no gains: target=label)
     actor: RouterActorConfig = dataclasses.field(default_factory=RouterActorConfig)  # the actor that holds the HOME model
     steps_at_least: int = 3  # also report "<source>@steps>=N" for sources whose rows have several step counts (0: off)
+    samples: int = 4  # answers per prompt and expert sampled besides rollout's greedy ones, for report.json's `sampled` and the cross-fitted oracle (0: none; else at least 2)
+    sample_temperature: float = 1.0  # their sampling temperature
     seed: int = 0  # seeds sampling
 
     def memory_run(self) -> Run:
@@ -153,6 +175,11 @@ class EvaluateConfig:
                    response_tokens=self.rollout.max_response_tokens, on_long_prompt=self.rollout.on_long_prompt)
 
     def __post_init__(self):
+        if self.samples == 1 or self.samples < 0:
+            raise ConfigError(f"samples={self.samples}: the cross-fitted oracle splits a prompt's samples in two "
+                              "halves: give 0 (none) or at least 2")
+        if self.samples and self.sample_temperature <= 0:
+            raise ConfigError(f"sample_temperature={self.sample_temperature}: sampled answers need a temperature above 0")
         if self.router.target != "label":
             raise ConfigError(f"router.target={self.router.target}: the type-label router is fitted on data types, "
                               "which carry no accuracy gain to expect: router.target must be label here")

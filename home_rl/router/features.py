@@ -47,22 +47,31 @@ def collate_router_inputs(items: Sequence[dict], pad_id: int = 0) -> dict[str, t
 @torch.no_grad()
 def compute_features(home: Any, items: Sequence[dict], batch_size: int = 8, pad_id: int = 0,
                      device: Optional[torch.device] = None) -> torch.Tensor:
-    """[N, hidden] float32 router features of `items` (router_input dicts), `batch_size` prompts per forward pass.
+    """[N, hidden] float32 router features of `items` (router_input dicts) at the router's own layer and pooling,
+    `batch_size` prompts per forward pass."""
+    at = (home.home_config["router_layer"], home.home_config["router_pooling"])
+    return candidate_features(home, items, [at], batch_size, pad_id, device)[at]
 
-    Prompts are batched in order of length (less padding), and the rows come back in input order.
-    """
+
+@torch.no_grad()
+def candidate_features(home: Any, items: Sequence[dict], candidates: Sequence[tuple[int, str]], batch_size: int = 8,
+                       pad_id: int = 0, device: Optional[torch.device] = None) -> dict[tuple[int, str], torch.Tensor]:
+    """{(layer, pooling): [N, hidden]} float32 features of `items` at each candidate, from one forward pass per
+    batch that stops after the deepest layer. Prompts are batched in order of length (less padding), and the rows
+    come back in input order."""
     if not items:
         raise ValueError("no prompts to compute router features for")
     device = device or next(home.parameters()).device
     order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
-    out: list[Optional[torch.Tensor]] = [None] * len(items)
+    out: dict[tuple[int, str], list[Optional[torch.Tensor]]] = {c: [None] * len(items) for c in candidates}
     for chunk in (order[i:i + batch_size] for i in range(0, len(order), batch_size)):
         batch = collate_router_inputs([items[i] for i in chunk], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        features = home.router_features(use_cache=False, **batch).float().cpu()
-        for row, i in enumerate(chunk):
-            out[i] = features[row]
-    return torch.stack(out)
+        for candidate, features in home.hidden_features(list(candidates), use_cache=False, **batch).items():
+            features = features.float().cpu()
+            for row, i in enumerate(chunk):
+                out[candidate][i] = features[row]
+    return {c: torch.stack(rows) for c, rows in out.items()}
 
 
 def router_inputs(rows: Sequence[dict], template: str, processor: Any, data: Any) -> list[dict]:

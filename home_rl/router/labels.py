@@ -98,19 +98,19 @@ def label_record(row: dict, think: ExpertStats, fast: ExpertStats, max_response_
 LABEL_NUMBERS = ("acc_think", "acc_fast", "len_think", "len_fast", "max_response_tokens")
 
 
-def _has_numbers(record: dict, keys: Sequence[str]) -> bool:
+def has_numbers(record: dict, keys: Sequence[str]) -> bool:
     return all(isinstance(record.get(k), (int, float)) for k in keys)
 
 
 def has_gain(record: dict) -> bool:
     """Whether the record carries the gain and threshold that router.target=expected_gain fits."""
-    return _has_numbers(record, ("gain", "threshold"))
+    return has_numbers(record, ("gain", "threshold"))
 
 
 def relabel(record: dict, margin: float, length_cost: float) -> dict:
     """The record under other knobs: its label, threshold, margin and length_cost recomputed from its numbers
     (a record without them, e.g. labels made elsewhere, is returned as it is)."""
-    if not _has_numbers(record, LABEL_NUMBERS):
+    if not has_numbers(record, LABEL_NUMBERS):
         return record
     acc_think, acc_fast, len_think, len_fast, max_tokens = (record[k] for k in LABEL_NUMBERS)
     return {**record, "label": derive_label(acc_think, acc_fast, len_think, len_fast, max_tokens, margin, length_cost),

@@ -46,6 +46,7 @@ class FitResult:
     state: dict  # the fitted router's state dict (fp32, CPU), the best validation epoch's weights
     metrics: dict  # sizes, class counts and weights, best epoch, accuracies
     history: list  # one dict per epoch: train/val loss and accuracy
+    val_index: list  # the prompts held out for validation (what the operating point is calibrated on)
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, seed: int,
@@ -198,4 +199,4 @@ def _fit(features: torch.Tensor, labels: Sequence[int], cfg: RouterTrainConfig, 
     }
     if gains is not None:
         metrics.update(net_gain=final_all["net_gain"], label_net_gain=final_all["label_net_gain"])
-    return FitResult({k: v.detach().clone() for k, v in best_state.items()}, metrics, history)
+    return FitResult({k: v.detach().clone() for k, v in best_state.items()}, metrics, history, val_idx.tolist())

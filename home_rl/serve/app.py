@@ -47,12 +47,14 @@ class Prepared:
     id: str
     expert: str
     think_probability: Optional[float]
+    threshold: Optional[float]  # the router's threshold for this request (None: the request chose its expert)
     job: GenerationJob
     prompt_tokens: int  # counted as the engine counts them (image tokens expanded)
     arrived: float
 
     def home(self) -> dict:
-        return {"expert": self.expert, "think_probability": self.think_probability,
+        return {"expert": self.expert, "think_probability": self.think_probability, "threshold": self.threshold,
+                "reasoning_effort": self.request.reasoning_effort,
                 "chosen_by": "request" if self.request.expert != AUTO else "router"}
 
 
@@ -80,7 +82,7 @@ class HybridServer:
         if request.expert == AUTO:
             reads = self.cfg.router.template
             prompt, router_item, prompt_tokens = await asyncio.to_thread(self._render, request, reads, True)
-            decision = await self.router.route(router_item)
+            decision = await self.router.route(router_item, request.reasoning_effort)
             if decision.expert != reads and request.kind == "chat":  # the answering expert's own rendering
                 prompt, _, prompt_tokens = await asyncio.to_thread(self._render, request, decision.expert)
         else:  # forced: no router forward
@@ -90,7 +92,8 @@ class HybridServer:
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         max_tokens = self._max_tokens(request, prompt_tokens)
         job = GenerationJob(request_id, prompt, request.sampling, max_tokens)
-        return Prepared(request, request_id, decision.expert, decision.think_probability, job, prompt_tokens, arrived)
+        return Prepared(request, request_id, decision.expert, decision.think_probability, decision.threshold, job,
+                        prompt_tokens, arrived)
 
     def _render(self, request: GenerationRequest, expert: str, for_router: bool = False) -> tuple[dict, dict, int]:
         """(the engine's input, the router's input, the prompt's length in tokens) rendered for `expert`;

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from home_rl.experts import EXPERTS
+from home_rl.router.operating_point import EFFORTS
 from reward.verifiers.extract import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN  # the verifiers' template
 
 AUTO = "auto"
@@ -60,6 +61,7 @@ class GenerationRequest:
     model: str
     expert: str  # auto | think | fast
     sampling: Sampling
+    reasoning_effort: Optional[str] = None  # OpenAI's low | medium | high: moves the router's threshold (None: the checkpoint's)
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
     messages: list[dict] = dataclasses.field(default_factory=list)  # chat: string contents, images as <image> markers
@@ -115,12 +117,15 @@ def parse_request(body: Any, kind: str, image_dir: str = "") -> GenerationReques
     expert = body.get("expert", AUTO)
     if expert not in EXPERT_CHOICES:
         raise APIError(400, f"'expert' must be one of {', '.join(EXPERT_CHOICES)}, got {expert!r}", "expert")
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in EFFORTS:
+        raise APIError(400, f"'reasoning_effort' must be one of {', '.join(EFFORTS)}, got {effort!r}", "reasoning_effort")
     stream = _typed(body, "stream", bool, False)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "'stream_options' must be an object", "stream_options")
     request = GenerationRequest(kind=kind, model=model, expert=expert, sampling=_sampling(body), stream=stream,
-                                include_usage=bool(options.get("include_usage", False)))
+                                include_usage=bool(options.get("include_usage", False)), reasoning_effort=effort)
     if kind == "chat":
         request.messages, request.images = _messages(body.get("messages"), image_dir)
     else:

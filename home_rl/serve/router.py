@@ -1,8 +1,8 @@
 """The router in front of the views: which expert answers a prompt, decided as `recipes/evaluate.py` decides.
 
 The same features (`home_rl.router.features`: pooled hidden states after the router's layer of the
-fast view, images included) and the same rule (the argmax of the router's [fast, think] logits, so a
-tie goes to fast). Only the layers up to the router's are kept: the forward stops there anyway, and
+fast view, images included) and the same rule: think where P(think) is above the checkpoint's calibrated
+threshold (home_rl/router/operating_point.py; a request's `reasoning_effort` picks another of its thresholds). Only the layers up to the router's are kept: the forward stops there anyway, and
 the rest of the HOME model (both experts of every later layer, the LM head) would be memory for nothing.
 
 Requests that arrive together are routed together: a background thread takes whatever is waiting
@@ -20,7 +20,9 @@ from typing import Any, Optional
 
 import torch
 
-from home_rl.experts import EXPERTS, THINK
+from home_rl.experts import FAST, THINK
+from home_rl.resources import compute_dtype
+from home_rl.router.operating_point import think_probabilities, threshold_of
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 class RouteDecision:
     expert: str  # the expert the router picks
     think_probability: Optional[float]  # softmax of the router's logits at think (None: the request chose)
+    threshold: Optional[float] = None  # think where think_probability is above it (None: the request chose)
 
 
 class PromptRouter:
@@ -40,7 +43,8 @@ class PromptRouter:
 
         layers = decoder_layers(home.base, home.arch)
         del layers[home.home_config["router_layer"] + 1:]  # never reached: router_features stops after its layer
-        self.home = home.to(device).eval().requires_grad_(False)
+        # float32 where the device only emulates bfloat16, as the router stage's actor computed the features
+        self.home = home.to(device, compute_dtype(home.base.dtype, device)).eval().requires_grad_(False)
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.trained = bool(home.home_config.get("router_trained"))
@@ -54,21 +58,26 @@ class PromptRouter:
 
         return cls(HomeModel.from_pretrained(checkpoint), batch_size, router_device(device))
 
+    def threshold(self, effort: Optional[str] = None) -> float:
+        """The P(think) above which a prompt thinks, at `effort` (None: the checkpoint's operating point)."""
+        return threshold_of(self.home.home_config, effort)
+
     @torch.no_grad()
-    def decide(self, items: list[dict]) -> list[RouteDecision]:
-        """Decisions for router inputs, in order (one forward pass per batch_size prompts)."""
+    def decide(self, items: list[dict], efforts: Optional[list[Optional[str]]] = None) -> list[RouteDecision]:
+        """Decisions for router inputs, in order (one forward pass per batch_size prompts), each at its
+        reasoning effort (None: the checkpoint's operating point)."""
         from home_rl.router.features import compute_features
 
         features = compute_features(self.home, items, self.batch_size, device=self.device)  # as the evaluation
-        logits = self.home.router(features.to(self.device)).float().cpu()
-        probs = logits.softmax(-1)
-        return [RouteDecision(EXPERTS[int(i)], float(p[EXPERTS.index(THINK)])) for i, p in zip(logits.argmax(1), probs)]
+        p_think = think_probabilities(self.home.router(features.to(self.device)).float().cpu())
+        thresholds = [self.threshold(e) for e in (efforts or [None] * len(items))]
+        return [RouteDecision(THINK if p > t else FAST, p, t) for p, t in zip(p_think, thresholds)]
 
-    async def route(self, item: dict) -> RouteDecision:
+    async def route(self, item: dict, effort: Optional[str] = None) -> RouteDecision:
         """The decision for one prompt, batched with whatever else waits."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((item, loop, future))
+        self._queue.put(((item, effort), loop, future))
         return await future
 
     def close(self) -> None:
@@ -90,7 +99,8 @@ class PromptRouter:
                     break
                 waiting.append(item)
             try:
-                decisions: list[Any] = self.decide([item for item, _, _ in waiting])
+                decisions: list[Any] = self.decide([item for (item, _), _, _ in waiting],
+                                                   [effort for (_, effort), _, _ in waiting])
             except Exception as e:  # noqa: BLE001  every waiting request gets the error, the thread goes on
                 log.exception("router forward failed")
                 decisions = [e] * len(waiting)

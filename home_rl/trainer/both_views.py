@@ -29,12 +29,20 @@ log = logging.getLogger(__name__)
 CHUNK_PROMPTS = 64  # prompts per generate call: a progress bar that moves (prompts done), bounded memory per call
 
 
+@dataclasses.dataclass(frozen=True)
+class SampledPass:
+    """A second set of answers per expert, sampled, besides the rollout config's (the evaluation's k samples)."""
+    n: int  # samples per prompt and expert
+    temperature: float  # their sampling temperature
+
+
 @dataclasses.dataclass
 class BothExperts:
     rows: list[dict]  # the rows both experts answered (a row skipped by either is dropped)
     stats: dict[str, list[ExpertStats]]  # expert -> one ExpertStats per row of `rows`
     responses: dict[str, list[list[str]]]  # expert -> per row, the sample texts
     timing: dict[str, float]  # seconds: view export, weight swap, rollout and scoring per expert
+    sampled: dict[str, list[ExpertStats]] = dataclasses.field(default_factory=dict)  # the SampledPass's, when asked
 
 
 class ViewsRun:
@@ -68,15 +76,39 @@ class ViewsRun:
             self.placement.shutdown()
             raise
 
-    def answer(self, rows: Sequence[dict], processor: Any, data_cfg: DataConfig, seed: int) -> "BothExperts":
-        """Both views' scored samples for every row (the reward pool checks the rows' sources first)."""
+    def answer(self, rows: Sequence[dict], processor: Any, data_cfg: DataConfig, seed: int,
+               sampled: Optional[SampledPass] = None) -> "BothExperts":
+        """Both views' scored samples for every row (the reward pool checks the rows' sources first), and the
+        `sampled` pass's from the same engines."""
         from reward import RewardPool
 
         assert self.rollout_cfg is not None, "ViewsRun(rollout=None) places no rollout workers"
         self.rewards = self.rewards or RewardPool(self.reward_cfg)
         self.rewards.check(rows)
         return rollout_both(self.home, rows, processor, data_cfg, self.rollout_cfg, self.rewards, self.views_dir,
-                            seed, placement=self.placement)
+                            seed, placement=self.placement, sampled=sampled)
+
+    def features(self, items: Sequence[dict], batch_size: int, desc: str = "router features",
+                 candidates: Optional[list[tuple[int, str]]] = None) -> Any:
+        """[N, hidden] router features of router inputs from the HomeModelActor (with `candidates`, a dict of
+        them per (layer, pooling)), CHUNK_PROMPTS prompts per call so a progress bar moves, and a log line with
+        the time it took."""
+        import ray
+        import torch
+
+        from home_rl.tracking import progress
+
+        start, parts = time.perf_counter(), []
+        with progress(len(items), desc=desc) as bar:
+            for first in range(0, len(items), CHUNK_PROMPTS):
+                chunk = list(items[first:first + CHUNK_PROMPTS])
+                parts.append(ray.get(self.home.features.remote(chunk, batch_size, candidates)))
+                bar.update(len(chunk))
+        seconds = time.perf_counter() - start
+        log.info("%s: %d prompts in %.1f s (%.3f s a prompt)", desc, len(items), seconds, seconds / max(len(items), 1))
+        if candidates:
+            return {c: torch.cat([part[c] for part in parts]) for c in candidates}
+        return torch.cat(parts)
 
     def __enter__(self) -> "ViewsRun":
         return self
@@ -93,14 +125,15 @@ class ViewsRun:
 
 def rollout_both(home: Any, rows: Sequence[dict], processor: Any, data_cfg: DataConfig, rollout_cfg: RolloutConfig,
                  rewards: Any, views_dir: Path, seed: int = 0, experts: Sequence[str] = (FAST, THINK),
-                 placement: Any = None) -> BothExperts:
-    """n samples per prompt from each expert's view, scored; `home` is a HomeModelActor (it exports the views)."""
+                 placement: Any = None, sampled: Optional[SampledPass] = None) -> BothExperts:
+    """n samples per prompt from each expert's view, scored, and the `sampled` pass's; `home` is a
+    HomeModelActor (it exports the views)."""
     import ray
 
     from home_rl.rollout import RolloutPool
-    from home_rl.tracking import progress
 
     per_expert: dict[str, tuple[list, list]] = {}
+    per_expert_sampled: dict[str, list] = {}
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     view = ray.get(home.export_view.remote(experts[0], str(Path(views_dir) / experts[0])))
@@ -113,23 +146,20 @@ def rollout_both(home: Any, rows: Sequence[dict], processor: Any, data_cfg: Data
                 sync = pool.update_weights(expert_weights(home, expert), version=version)
                 timing[f"{expert}/weight_swap_s"] = sync["seconds"]
             rendered = [render_prompt(row, expert, processor, data_cfg, with_pixels=False) for row in rows]
-            groups: list = []
-            chunks = range(0, len(rendered), CHUNK_PROMPTS)
-            with progress(len(rendered), desc=f"rollout {expert}") as bar:
-                for start in chunks:
-                    result = pool.generate(rendered[start:start + CHUNK_PROMPTS], n=rollout_cfg.n, seed=seed + start)
-                    groups += result.samples
-                    bar.update(len(result.samples))
+            groups = _generate(pool, rendered, rollout_cfg.n, None, seed, f"rollout {expert}")
             t2 = time.perf_counter()
-            to_score = reward_inputs(rows, groups, expert, rendered)
-            scores, _ = rewards.score(to_score) if to_score else ([], {})
-            it = iter(scores)
-            stats = [expert_stats([next(it) for _ in group], [len(s.response_ids) for s in group]) for group in groups]
+            stats = _score(rewards, rows, groups, expert, rendered)
             per_expert[expert] = (stats, [[s.text for s in group] for group in groups])
             timing.update({f"{expert}/rollout_s": t2 - t1, f"{expert}/reward_s": time.perf_counter() - t2})
             log.info("%s view: %d prompts x %d samples, mean accuracy %.3f, mean length %.1f tokens (%.0fs)", expert,
                      len(rows), rollout_cfg.n, _mean([s.accuracy for s in stats if s.n]),
                      _mean([s.mean_tokens for s in stats if s.n]), t2 - t1)
+            if sampled is not None:
+                t3 = time.perf_counter()
+                groups = _generate(pool, rendered, sampled.n, {"temperature": sampled.temperature}, seed + 1,
+                                   f"rollout {expert}, {sampled.n} sampled")
+                per_expert_sampled[expert] = _score(rewards, rows, groups, expert, rendered)
+                timing[f"{expert}/sampled_s"] = time.perf_counter() - t3
     finally:
         pool.shutdown()
         shutil.rmtree(view, ignore_errors=True)  # a view is a whole dense model: do not leave it behind
@@ -138,9 +168,33 @@ def rollout_both(home: Any, rows: Sequence[dict], processor: Any, data_cfg: Data
     if len(keep) < len(rows):
         log.warning("%d of %d prompts got no samples from an expert (rollout.on_long_prompt=skip) and are left out",
                     len(rows) - len(keep), len(rows))
+    if sampled is not None:  # a row needs the sampled pass's answers too
+        keep = [i for i in keep if all(per_expert_sampled[e][i].n for e in experts)]
     return BothExperts(rows=[rows[i] for i in keep],
                        stats={e: [per_expert[e][0][i] for i in keep] for e in experts},
-                       responses={e: [per_expert[e][1][i] for i in keep] for e in experts}, timing=timing)
+                       responses={e: [per_expert[e][1][i] for i in keep] for e in experts}, timing=timing,
+                       sampled={e: [per_expert_sampled[e][i] for i in keep] for e in per_expert_sampled})
+
+
+def _generate(pool: Any, rendered: list, n: int, sampling: Optional[dict], seed: int, desc: str) -> list:
+    """n samples per rendered prompt, CHUNK_PROMPTS prompts per call, with a progress bar."""
+    from home_rl.tracking import progress
+
+    groups: list = []
+    with progress(len(rendered), desc=desc) as bar:
+        for start in range(0, len(rendered), CHUNK_PROMPTS):
+            result = pool.generate(rendered[start:start + CHUNK_PROMPTS], n=n, sampling=sampling, seed=seed + start)
+            groups += result.samples
+            bar.update(len(result.samples))
+    return groups
+
+
+def _score(rewards: Any, rows: Sequence[dict], groups: list, expert: str, rendered: list) -> list[ExpertStats]:
+    """Each prompt's samples scored by the reward pool (with `expert` named, for the format verifier)."""
+    to_score = reward_inputs(rows, groups, expert, rendered)
+    scores, _ = rewards.score(to_score) if to_score else ([], {})
+    it = iter(scores)
+    return [expert_stats([next(it) for _ in group], [len(s.response_ids) for s in group]) for group in groups]
 
 
 def expert_weights(home: Any, expert: str) -> Iterator[tuple[str, Any]]:

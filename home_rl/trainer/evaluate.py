@@ -6,13 +6,17 @@ every policy is scored on the same samples: a paired comparison with no extra sa
     hybrid        the checkpoint's router picks per prompt
     always_think  every prompt to the think expert
     always_fast   every prompt to the fast expert
-    oracle        the label rule of the router stage applied to these very rollouts (the best a router could do)
+    oracle        the label rule of the router stage applied to these very rollouts: hindsight (home_rl/router/oracle.py)
     type_labels   a router fitted on data-type labels (the paper's Stage-SFT labels: think for reasoning
                   sources), fitted by the same router trainer on a training set's features rather than by
                   a full Stage-SFT run (its router loss learns the same labels)
 
 Each is reported per data_source (and per step count for sources with several) as accuracy,
-thinking ratio and mean response tokens, in report.json, report.md and report.png.
+thinking ratio, mean response tokens, the performance gap recovered and the token ratio to always-think, in
+report.json, report.md and report.png. With `samples` > 0 both views also answer each prompt that many times
+sampled; report.json's `sampled` scores the policies on those answers beside the hindsight oracle and the
+cross-fitted one (chosen on half of a prompt's samples, scored on the other half). The trade-off of every
+threshold, random routing and routing by groups: home_rl/trainer/pareto.py (`pareto`, `group_frontier`).
 """
 from __future__ import annotations
 
@@ -27,16 +31,20 @@ from home_rl.config import save_config
 from home_rl.router.config import DEFAULT_CHECKPOINT, EvaluateConfig
 from home_rl.experts import EXPERT_INDEX, EXPERTS, FAST, THINK, row_type
 from home_rl.router.features import router_inputs
-from home_rl.router.labels import ExpertStats, derive_label
+from home_rl.router.labels import ExpertStats
+from home_rl.router.operating_point import Outcome, think_probabilities, threshold_of
+from home_rl.router.oracle import Chosen, chosen_by, cross_fitted, hindsight_choices
 from home_rl.trainer.router_data import load_rows, synthetic_mix
-from home_rl.trainer.both_views import ViewsRun
+from home_rl.trainer.both_views import SampledPass, ViewsRun
+from home_rl.trainer.pareto import pareto_report, plot_pareto
 from home_rl.trainer.startup import load_processor, resolve_home_checkpoint
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("hybrid", "always_think", "always_fast", "oracle", "type_labels")
+POLICIES = ("hybrid", "always_think", "always_fast", "oracle", "oracle_cross_fitted", "type_labels")
 TITLES = {"hybrid": "hybrid (router)", "always_think": "always think", "always_fast": "always fast",
-          "oracle": "oracle (labels)", "type_labels": "type labels (paper)"}
+          "oracle": "oracle (hindsight)", "oracle_cross_fitted": "oracle (cross-fitted)",
+          "type_labels": "type labels (paper)"}
 ALL = "all"
 
 
@@ -69,40 +77,73 @@ def group_keys(rows: Sequence[dict], steps_at_least: int = 3) -> list[list[str]]
 def summarize_policy(groups: Sequence[list[str]], think: Sequence[ExpertStats], fast: Sequence[ExpertStats],
                      choices: Sequence[str]) -> dict[str, dict]:
     """Per group: accuracy and mean response tokens of the chosen expert's samples, and the share routed to think."""
+    return summarize_chosen(groups, chosen_by(choices, think, fast))
+
+
+def summarize_chosen(groups: Sequence[list[str]], chosen: Sequence[Chosen]) -> dict[str, dict]:
+    """Per group: mean accuracy, mean tokens and thinking ratio of what each prompt's routing gave."""
     acc, tokens, thinks = defaultdict(list), defaultdict(list), defaultdict(list)
-    for keys, t, f, choice in zip(groups, think, fast, choices, strict=True):
-        chosen = t if choice == THINK else f
+    for keys, c in zip(groups, chosen, strict=True):
         for key in keys:
-            acc[key].append(chosen.accuracy)
-            tokens[key].append(chosen.mean_tokens)
-            thinks[key].append(float(choice == THINK))
+            acc[key].append(c.accuracy)
+            tokens[key].append(c.tokens)
+            thinks[key].append(c.think)
     return {key: {"accuracy": _mean(acc[key]), "think_ratio": _mean(thinks[key]), "mean_tokens": _mean(tokens[key]),
                   "prompts": len(acc[key])} for key in _ordered(acc)}
 
 
+def add_gap_recovered(table: dict[str, dict]) -> dict[str, dict]:
+    """Each policy's performance gap recovered per group, (accuracy - always-fast) / (always-think - always-fast)
+    (None where the two are equal), beside its token ratio to always-think."""
+    think, fast = table["always_think"], table["always_fast"]
+    for policy in table.values():
+        for group, entry in policy.items():
+            gap = think[group]["accuracy"] - fast[group]["accuracy"]
+            entry["gap_recovered"] = (entry["accuracy"] - fast[group]["accuracy"]) / gap if abs(gap) > 1e-12 else None
+            spent = think[group]["mean_tokens"]
+            entry["token_ratio"] = entry["mean_tokens"] / spent if spent else None
+    return table
+
+
+def frontier_group(row: dict) -> str:
+    """The group a row is routed with on the group frontier: its data source and step count (where it has one)."""
+    steps = (row.get("extra_info") or {}).get("steps")
+    return row["data_source"] if steps is None else f"{row['data_source']}@steps={steps}"
+
+
 def oracle_choices(think: Sequence[ExpertStats], fast: Sequence[ExpertStats], max_response_tokens: int,
                    margin: float, length_cost: float) -> list[str]:
-    return [derive_label(t.accuracy, f.accuracy, t.mean_tokens, f.mean_tokens, max_response_tokens, margin, length_cost)
-            for t, f in zip(think, fast)]
+    return hindsight_choices(think, fast, max_response_tokens, margin, length_cost)
 
 
 def markdown_report(report: dict) -> str:
-    """A table per metric: one row per group, one column per policy."""
-    policies = [p for p in POLICIES if p in report]
-    groups = list(report[policies[0]])
+    """A table per metric: one row per group, one column per policy; the same for the sampled answers."""
     lines = [f"# Hybrid evaluation: {report.get('info', {}).get('checkpoint', '')}", ""]
-    for metric, title, fmt in (("accuracy", "Accuracy", "{:.1%}"), ("think_ratio", "Thinking ratio", "{:.1%}"),
-                               ("mean_tokens", "Mean response tokens", "{:.1f}")):
-        lines += [f"## {title}", "", "| group | prompts | " + " | ".join(TITLES[p] for p in policies) + " |",
-                  "|---|---:|" + "---:|" * len(policies)]
-        for g in groups:
-            cells = [fmt.format(report[p][g][metric]) for p in policies]
-            lines.append(f"| {g} | {report[policies[0]][g]['prompts']} | " + " | ".join(cells) + " |")
-        lines.append("")
+    lines += _tables(report, "")
+    if "sampled" in report:
+        lines += _tables(report["sampled"], " (sampled answers)")
     notes = report.get("info", {}).get("notes", [])
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
+
+
+def _tables(table: dict, suffix: str) -> list[str]:
+    policies = [p for p in POLICIES if p in table]
+    groups = list(table[policies[0]])
+    lines = []
+    for metric, title, fmt in (("accuracy", "Accuracy", "{:.1%}"), ("think_ratio", "Thinking ratio", "{:.1%}"),
+                               ("mean_tokens", "Mean response tokens", "{:.1f}"),
+                               ("gap_recovered", "Performance gap recovered", "{:.2f}")):
+        if not all(metric in table[p][g] for p in policies for g in groups):
+            continue
+        lines += [f"## {title}{suffix}", "", "| group | prompts | " + " | ".join(TITLES[p] for p in policies) + " |",
+                  "|---|---:|" + "---:|" * len(policies)]
+        for g in groups:
+            cells = ["n/a" if table[p][g][metric] is None else fmt.format(table[p][g][metric]) for p in policies]
+            lines.append(f"| {g} | {table[policies[0]][g]['prompts']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def plot_report(report: dict, path: Path) -> Path:
@@ -181,19 +222,21 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                    "its choices say little")
             log.warning(msg)
             notes.append(msg)
-        both = run.answer(rows, processor, cfg.data, cfg.seed)
+        sampled = SampledPass(cfg.samples, cfg.sample_temperature) if cfg.samples else None
+        both = run.answer(rows, processor, cfg.data, cfg.seed, sampled)
         rows = both.rows
         batch = cfg.actor.feature_batch_size
-        features = ray.get(home.features.remote(router_inputs(rows, cfg.actor.template, processor, cfg.data), batch))
-        logits = ray.get(home.route_logits.remote(features))
-        choices = {"hybrid": [EXPERTS[int(i)] for i in logits.argmax(1)],
+        features = run.features(router_inputs(rows, cfg.actor.template, processor, cfg.data), batch)
+        p_think = think_probabilities(ray.get(home.route_logits.remote(features)))
+        threshold = threshold_of({"router_operating_point": info.get("operating_point")})
+        choices = {"hybrid": [THINK if p > threshold else FAST for p in p_think],
                    "always_think": [THINK] * len(rows), "always_fast": [FAST] * len(rows),
                    "oracle": oracle_choices(both.stats[THINK], both.stats[FAST], cfg.rollout.max_response_tokens,
                                             cfg.labels.margin, cfg.labels.length_cost)}
         type_fit = None
         if type_rows:
-            type_features = ray.get(home.features.remote(
-                router_inputs(type_rows, cfg.actor.template, processor, cfg.data), batch))
+            type_features = run.features(router_inputs(type_rows, cfg.actor.template, processor, cfg.data), batch,
+                                         "router features (type-label router)")
             labels = [EXPERT_INDEX[row_type(r, cfg.type_router.think_sources)] for r in type_rows]
             type_fit = ray.get(home.fit.remote(type_features, labels, cfg.router))
             type_logits = ray.get(home.route_logits.remote(features, type_fit.state))
@@ -208,13 +251,25 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     groups = group_keys(rows, cfg.steps_at_least)
     report = {p: summarize_policy(groups, both.stats[THINK], both.stats[FAST], c) for p, c in choices.items()}
+    outcomes = [Outcome(t.accuracy, f.accuracy, t.mean_tokens, f.mean_tokens)
+                for t, f in zip(both.stats[THINK], both.stats[FAST])]
+    trade = pareto_report(p_think, outcomes, [frontier_group(row) for row in rows], threshold,
+                          {p: report[p][ALL] for p in choices})
     report["info"] = {"checkpoint": str(checkpoint), "data": cfg.data.path, "prompts": len(rows),
                       "samples_per_expert": cfg.rollout.n, "max_response_tokens": cfg.rollout.max_response_tokens,
                       "temperature": cfg.rollout.temperature, "margin": cfg.labels.margin,
                       "length_cost": cfg.labels.length_cost, "router": info,
                       "type_router_fit": type_fit.metrics if type_fit else None,
                       "router_agrees_with_oracle": _agreement(choices["hybrid"], choices["oracle"]),
+                      "operating_point": info.get("operating_point"),
                       "timing": {**both.timing, "total_s": time.perf_counter() - start}, "notes": notes}
+    report.update(trade)
+    if both.sampled:
+        report["sampled"] = sampled_table(groups, both.sampled, choices, cfg)
+        notes.append(f"sampled: the same policies on {cfg.samples} answers per prompt and expert sampled at temperature "
+                     f"{cfg.sample_temperature}, with the hindsight oracle on them and the cross-fitted oracle (the "
+                     "expert the label rule picks from half of a prompt's samples, scored on the other half)")
+    add_gap_recovered({p: report[p] for p in choices})
     _write(out, report, rows, both, choices)
     log.info("hybrid accuracy %.3f (think %.3f, fast %.3f, oracle %.3f), thinking ratio %.2f, tokens %.1f vs %.1f "
              "always-think; report in %s", report["hybrid"][ALL]["accuracy"], report["always_think"][ALL]["accuracy"],
@@ -222,6 +277,17 @@ def evaluate(cfg: EvaluateConfig) -> dict:
              report["hybrid"][ALL]["think_ratio"], report["hybrid"][ALL]["mean_tokens"],
              report["always_think"][ALL]["mean_tokens"], out / "report.md")
     return report
+
+
+def sampled_table(groups: Sequence[list[str]], sampled: dict[str, list[ExpertStats]], choices: dict[str, list[str]],
+                  cfg: EvaluateConfig) -> dict[str, dict]:
+    """The policies scored on the sampled answers; the oracles recomputed on them: hindsight and cross-fitted."""
+    think, fast = sampled[THINK], sampled[FAST]
+    rule = (cfg.rollout.max_response_tokens, cfg.labels.margin, cfg.labels.length_cost)
+    table = {p: summarize_policy(groups, think, fast, c) for p, c in choices.items() if p != "oracle"}
+    table["oracle"] = summarize_policy(groups, think, fast, hindsight_choices(think, fast, *rule))
+    table["oracle_cross_fitted"] = summarize_chosen(groups, cross_fitted(think, fast, *rule))
+    return add_gap_recovered(table)
 
 
 def _type_rows(cfg: EvaluateConfig, out: Path, processor) -> list[dict]:
@@ -245,6 +311,7 @@ def _write(out: Path, report: dict, rows: list[dict], both, choices: dict) -> No
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(markdown_report(report))
     plot_report(report, out / "report.png")
+    plot_pareto(report, out / "pareto.png")
     with (out / "samples.jsonl").open("w", encoding="utf-8") as f:
         for i, row in enumerate(rows):
             t, fa = both.stats[THINK][i], both.stats[FAST][i]

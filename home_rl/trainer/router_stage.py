@@ -12,13 +12,14 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 from home_rl.config import save_config
 from home_rl.errors import HomeRLError
 from home_rl.experts import FAST, THINK, row_type
 from home_rl.router.config import RouterStageConfig
-from home_rl.router.labels import (EXPERT_INDEX, class_counts, has_gain, label_record, net_gains, read_labels, relabel,
-                                   write_labels)
+from home_rl.router.labels import (EXPERT_INDEX, LABEL_NUMBERS, has_numbers, class_counts, has_gain, label_record,
+                                   net_gains, read_labels, relabel, write_labels)
 from home_rl.router.features import router_inputs
 from home_rl.router.trainer import EmptyLabelSetError
 from home_rl.trainer.router_data import load_rows
@@ -69,20 +70,26 @@ def train_router(cfg: RouterStageConfig) -> Path:
                  counts["fast"], out / "labels.jsonl")
 
         t0 = time.perf_counter()
-        features = ray.get(home.features.remote(router_inputs(labelled_rows, cfg.actor.template, processor, cfg.data),
-                                                cfg.actor.feature_batch_size))
+        candidates = cfg.candidates(info["num_layers"], (info["router_layer"], info["router_pooling"]))
+        by_candidate = run.features(router_inputs(labelled_rows, cfg.actor.template, processor, cfg.data),
+                                    cfg.actor.feature_batch_size, candidates=candidates)
         timing["features_s"] = time.perf_counter() - t0
-        fit = ray.get(home.fit.remote(features, [EXPERT_INDEX[r["label"]] for r in records], cfg.router,
-                                      net_gains(records), prompt_kinds(records)))
+        fits = {c: ray.get(home.fit.remote(by_candidate[c], [EXPERT_INDEX[r["label"]] for r in records], cfg.router,
+                                           net_gains(records), prompt_kinds(records))) for c in candidates}
+        reads, selection = select_input(fits)
+        fit, features = fits[reads], by_candidate[reads]
         _log_history(out, fit.history, cfg.tensorboard)
         note = {"labels": "rollouts" if given is None else f"file {cfg.labels_path}", "prompts": len(records),
                 "class_counts": counts, "margin": cfg.labels.margin, "length_cost": cfg.labels.length_cost,
                 "max_response_tokens": cfg.rollout.max_response_tokens, "template": cfg.actor.template,
-                "target": cfg.router.target,
+                "target": cfg.router.target, "layer": reads[0], "pooling": reads[1],
                 "val_acc": fit.metrics.get("val/acc"), "best_epoch": fit.metrics["best_epoch"]}
-        ray.get(home.install_router.remote(fit.state, note))
+        point = calibrated_point(ray.get(home.route_logits.remote(features, fit.state)), records, fit.val_index,
+                                 cfg.router.budget)
+        ray.get(home.install_router.remote(fit.state, note, point, reads))
         final = Path(ray.get(home.save.remote(str(out / "final"))))
         summary = {"checkpoint": str(checkpoint), "final": str(final), "router": info, "fit": fit.metrics,
+                   "operating_point": point, "input_selection": selection,
                    "labels": {"prompts": len(records), **counts,
                               "by_source": _label_breakdown(records)},
                    "timing": {**timing, "total_s": time.perf_counter() - start}}
@@ -91,7 +98,45 @@ def train_router(cfg: RouterStageConfig) -> Path:
                  "saved %s", cfg.router.target, _fmt(fit.metrics.get("val/acc")), _fmt(fit.metrics.get("net_gain")),
                  _fmt(fit.metrics.get("label_net_gain")), fit.metrics["predicted_think_ratio"],
                  fit.metrics["label_think_ratio"], final)
+        if point is not None:
+            m = point["measured"]
+            log.info("operating point (%s, on %d %s prompts): threshold %.3f, accuracy %.3f (always-think %.3f), "
+                     "tokens %.2fx always-think's, thinking ratio %.2f", point["budget"] or "argmax", point["prompts"],
+                     point["split"], point["threshold"], m["accuracy"], point["always_think"]["accuracy"],
+                     m["token_ratio"], m["think_ratio"])
         return final
+
+
+def select_input(fits: dict) -> tuple[tuple[int, str], list[dict]]:
+    """The (layer, pooling) whose router fits best: the lowest validation loss (training loss when the split held
+    nothing out; a tie keeps the first, the checkpoint's own); and each candidate's numbers, for the report."""
+    table = [{"layer": layer, "pooling": how, "val_loss": f.metrics.get("val/loss"), "train_loss": f.metrics["train/loss"],
+              "val_net_gain": f.metrics.get("val/net_gain"), "best_epoch": f.metrics["best_epoch"]}
+             for (layer, how), f in fits.items()]
+    key = "val_loss" if all(row["val_loss"] is not None for row in table) else "train_loss"
+    best = min(range(len(table)), key=lambda i: table[i][key])
+    log.info("router input: layer %d, %s pooling (validation loss %s; of %s)", table[best]["layer"],
+             table[best]["pooling"], _fmt(table[best]["val_loss"]),
+             ", ".join(f"{r['layer']}/{r['pooling']} {_fmt(r[key])}" for r in table))
+    return list(fits)[best], table
+
+
+def calibrated_point(logits, records: list[dict], val_index: list[int], budget: str) -> Optional[dict]:
+    """The operating point (home_rl/router/operating_point.py) on the validation prompts (all of them when the
+    split held none out), from each record's accuracies and lengths per expert; None for labels without them."""
+    from home_rl.router.operating_point import Outcome, operating_point, parse_budget, think_probabilities
+
+    if not all(has_numbers(r, LABEL_NUMBERS) for r in records):
+        if budget:
+            raise HomeRLError(f"router.budget={budget}: the labels carry no accuracy and length per expert to "
+                              "calibrate a threshold on (labels made elsewhere): give router.budget= (the argmax)")
+        return None
+    index = val_index or list(range(len(records)))
+    p_think = think_probabilities(logits)
+    outcomes = [Outcome(records[i]["acc_think"], records[i]["acc_fast"], records[i]["len_think"], records[i]["len_fast"])
+                for i in index]
+    point = operating_point([p_think[i] for i in index], outcomes, parse_budget(budget))
+    return {**point, "split": "validation" if val_index else "all"}
 
 
 def _join(records: list[dict], rows: list[dict], path: str) -> tuple[list[dict], list[dict]]:
