@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 
 from home_rl.console import actor_env, capture_output
+from home_rl.model.architectures import decoder_layers
 from home_rl.model.router import Router
 from home_rl.resources import Resources, compute_dtype
 from home_rl.router.config import RouterTrainConfig
@@ -48,8 +49,6 @@ class HomeModelActor:
 
     def info(self) -> dict:
         cfg = self.home.home_config
-        from home_rl.model.architectures import decoder_layers
-
         return {"hidden_size": self.home.router.net[0].normalized_shape[0],
                 "num_layers": len(decoder_layers(self.home.base, self.home.arch)),
                 "router_hidden_size": cfg["router_hidden_size"], "router_layer": cfg["router_layer"],

@@ -2,8 +2,9 @@
 
 The same features (`home_rl.router.features`: pooled hidden states after the router's layer of the
 fast view, images included) and the same rule: think where P(think) is above the checkpoint's calibrated
-threshold (home_rl/router/operating_point.py; a request's `reasoning_effort` picks another of its thresholds). Only the layers up to the router's are kept: the forward stops there anyway, and
-the rest of the HOME model (both experts of every later layer, the LM head) would be memory for nothing.
+threshold (home_rl/router/operating_point.py; a request's `reasoning_effort` picks another of its thresholds).
+Only the layers up to the router's are kept: the forward stops there anyway, and the rest of the HOME model
+(both experts of every later layer, the LM head) would be memory for nothing.
 
 Requests that arrive together are routed together: a background thread takes whatever is waiting
 (up to `router.batch_size` prompts) into one forward pass.
