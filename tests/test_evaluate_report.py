@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from home_rl.trainer.evaluate import group_keys, markdown_report, oracle_choices, plot_report, summarize_policy
+from home_rl.router.oracle import hindsight_choices
+from home_rl.trainer.evaluate import group_keys, markdown_report, plot_report, summarize_policy
 from home_rl.router.labels import ExpertStats
 
 ROWS = [
@@ -40,9 +41,9 @@ def test_policies_scored_by_hand():
     assert think["all"]["accuracy"] == pytest.approx(3.5 / 4) and think["all"]["mean_tokens"] == pytest.approx(62.5)
     # the oracle with the stage's rule (128 tokens, margin 0, length cost 0.1):
     # a: gain 0 -> fast; b: gain 0.5 > 0.058 -> think; c: gain 0.5 > 0.072 -> think; d: gain 0 -> fast
-    assert oracle_choices(THINK, FAST, 128, 0.0, 0.1) == ["fast", "think", "think", "fast"]
+    assert hindsight_choices(THINK, FAST, 128, 0.0, 0.1) == ["fast", "think", "think", "fast"]
     # with a high length cost, c's extra 92 tokens are not worth half a point
-    assert oracle_choices(THINK, FAST, 128, 0.0, 0.8)[2] == "fast"
+    assert hindsight_choices(THINK, FAST, 128, 0.0, 0.8)[2] == "fast"
     with pytest.raises(ValueError):  # one choice per row
         summarize_policy(groups, THINK, FAST, ["fast"])
 

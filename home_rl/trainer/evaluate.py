@@ -111,11 +111,6 @@ def frontier_group(row: dict) -> str:
     return row["data_source"] if steps is None else f"{row['data_source']}@steps={steps}"
 
 
-def oracle_choices(think: Sequence[ExpertStats], fast: Sequence[ExpertStats], max_response_tokens: int,
-                   margin: float, length_cost: float) -> list[str]:
-    return hindsight_choices(think, fast, max_response_tokens, margin, length_cost)
-
-
 def markdown_report(report: dict) -> str:
     """A table per metric: one row per group, one column per policy; the same for the sampled answers."""
     lines = [f"# Hybrid evaluation: {report.get('info', {}).get('checkpoint', '')}", ""]
@@ -231,8 +226,8 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         threshold = threshold_of({"router_operating_point": info.get("operating_point")})
         choices = {"hybrid": [THINK if p > threshold else FAST for p in p_think],
                    "always_think": [THINK] * len(rows), "always_fast": [FAST] * len(rows),
-                   "oracle": oracle_choices(both.stats[THINK], both.stats[FAST], cfg.rollout.max_response_tokens,
-                                            cfg.labels.margin, cfg.labels.length_cost)}
+                   "oracle": hindsight_choices(both.stats[THINK], both.stats[FAST], cfg.rollout.max_response_tokens,
+                                               cfg.labels.margin, cfg.labels.length_cost)}
         type_fit = None
         if type_rows:
             type_features = run.features(router_inputs(type_rows, cfg.actor.template, processor, cfg.data), batch,

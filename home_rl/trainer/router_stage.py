@@ -74,8 +74,8 @@ def train_router(cfg: RouterStageConfig) -> Path:
         by_candidate = run.features(router_inputs(labelled_rows, cfg.actor.template, processor, cfg.data),
                                     cfg.actor.feature_batch_size, candidates=candidates)
         timing["features_s"] = time.perf_counter() - t0
-        fits = {c: ray.get(home.fit.remote(by_candidate[c], [EXPERT_INDEX[r["label"]] for r in records], cfg.router,
-                                           net_gains(records), prompt_kinds(records))) for c in candidates}
+        labels, gains, kinds = [EXPERT_INDEX[r["label"]] for r in records], net_gains(records), prompt_kinds(records)
+        fits = {c: ray.get(home.fit.remote(by_candidate[c], labels, cfg.router, gains, kinds)) for c in candidates}
         reads, selection = select_input(fits)
         fit, features = fits[reads], by_candidate[reads]
         _log_history(out, fit.history, cfg.tensorboard)
