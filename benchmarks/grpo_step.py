@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
 
 import numpy as np
@@ -28,7 +29,7 @@ COMPUTE = ("timing/rollout_s", "timing/reward_s", "timing/old_log_prob_s", "timi
 
 
 def measured_steps(argv: list[str]) -> tuple[GRPOThinkConfig, list[dict]]:
-    """The run's config and the metrics of its steps after the first (engine warm-up): no checkpoints, no resume."""
+    """The run's config and the metrics of every step: no checkpoints, no resume."""
     cfg = load_config(GRPOThinkConfig, ["trainer.total_steps=4", "trainer.save_every=0", "trainer.resume=never",
                                         f"output_dir={tempfile.mkdtemp(prefix='grpo_bench_')}", *argv])
     trainer = GRPOThinkTrainer(cfg)
@@ -38,11 +39,15 @@ def measured_steps(argv: list[str]) -> tuple[GRPOThinkConfig, list[dict]]:
             steps.append(trainer.train_step())
     finally:
         trainer.shutdown()
-    return cfg, steps[1:] or steps
+    return cfg, steps
+
+
+FIRST_STEP = ("reward/mean", "reward/std", "response_length/mean", "zero_std_frac")
 
 
 def main(argv: list[str]) -> dict:
-    cfg, measured = measured_steps(argv)
+    cfg, steps = measured_steps(argv)
+    measured = steps[1:] or steps  # the first step warms the engines up
     mean = {key: float(np.mean([m[key] for m in measured])) for key in (*COMPUTE, "timing/weight_sync_s", "timing/step_s")}
     compute = sum(mean[k] for k in COMPUTE)
     return {
@@ -56,6 +61,12 @@ def main(argv: list[str]) -> dict:
         "positions_computed": float(np.mean([m["learner/positions_computed"] for m in measured])),
         "overhead_s": round(mean["timing/step_s"] - compute, 3),
         "overhead_share": round((mean["timing/step_s"] - compute) / mean["timing/step_s"], 4),
+        "weight_sync_mb": float(np.mean([m.get("weight_sync/mb", 0.0) for m in measured])),
+        "weight_push_s": round(float(np.mean([m.get("timing/weight_push_s", 0.0) for m in measured])), 3),
+        # the driver process's peak so far (with --compare: over this run and the ones before it)
+        "driver_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        # what a placement must not change: the first step's samples and rewards (the same seed)
+        "first_step": {k: steps[0][k] for k in FIRST_STEP if k in steps[0]},
     }
 
 
@@ -66,7 +77,8 @@ def compare(settings: list[str], argv: list[str]) -> dict:
             "update_s_over_first": {s: round(r["update_s"] / first["update_s"], 3) for s, r in runs.items()},
             "step_s_over_first": {s: round(r["step_s"] / first["step_s"], 3) for s, r in runs.items()},
             "tokens_computed_over_first": {s: round(r["tokens_computed"] / first["tokens_computed"], 3)
-                                           for s, r in runs.items()}}
+                                           for s, r in runs.items()},
+            "first_step_same": all(r["first_step"] == first["first_step"] for r in runs.values())}
 
 
 if __name__ == "__main__":

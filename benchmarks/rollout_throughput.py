@@ -111,7 +111,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     cfg = RolloutConfig(num_workers=1, n=args.n, temperature=1.0, max_response_tokens=args.max_new_tokens,
                         stop=[stop], max_model_len=1024, dtype="bfloat16", kv_cache_gib=2, resources=Resources(threads=cores),
-                        update_bucket_mb=64, seed=0)
+                        seed=0)
     ray.init(address="local", num_cpus=max(4, cores), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     report: dict = {"model": "SmolLM2-135M-Instruct", "dtype": "bfloat16", "prompts": args.prompts, "n": args.n,
@@ -138,8 +138,13 @@ def main() -> None:
     dense = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
     state = dense.state_dict()
     think = [(k, v) for k, v in state.items() if ".mlp." in k]
-    think_report = pool.update_weights(iter(think), version=1)
-    full_report = pool.update_weights(iter(state.items()), version=2)
+    from home_rl.weights import WeightSender
+
+    pool.attach(WeightSender())  # this process sends, as learner rank 0 does in a run
+    pool.sender.stage(1, think)
+    think_report = pool.sync(1)
+    pool.sender.stage(2, state.items())
+    full_report = pool.sync(2)
     report.update({"think_update_s": think_report["seconds"], "think_update_mb": think_report["bytes"] / 2**20,
                    "think_update_buckets": think_report["buckets"],
                    "full_update_s": full_report["seconds"], "full_update_mb": full_report["bytes"] / 2**20,

@@ -60,7 +60,7 @@ def home_rl_side(steps: int, out: Path, overrides: list[str]) -> dict:
             metrics.append(trainer.train_step())
         prompts = [{"prompt": render_prompt(row, THINK, trainer.rollout.processor, cfg.data).text, "answer": row["answer"],
                     "data_source": row["data_source"], "extra_info": row.get("extra_info") or {}} for row in drawn]
-        model = export_think_view(trainer.home_dir, trainer.out)
+        model = export_think_view(trainer.home_dir, trainer.out).wait()
     finally:
         trainer.shutdown()
     (out / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))

@@ -17,6 +17,7 @@ from home_rl.learner.config import LearnerConfig
 from home_rl.resources import Resources
 from home_rl.rollout import RolloutConfig, RolloutPool
 from home_rl.trainer.startup import job_placement
+from home_rl.weights import WeightSender
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,9 +99,11 @@ def test_a_dead_rollout_worker_is_restarted_at_the_current_weights(tiny_model, r
 
         state = load_file(view / "model.safetensors")
         changed = {name: state[name] * 1.5}  # a real weight change: the samples differ from the view on disk
-        pool = RolloutPool(str(view), cfg, weights_source=lambda: changed.items())
+        pool = RolloutPool(str(view), cfg)
+        pool.attach(WeightSender())  # in a run: learner rank 0, which keeps the engines' version for a refill
         prompts = [{"prompt_token_ids": [5 + i, 17, 42, 9 + i]} for i in range(4)]
-        pool.update_weights(changed.items(), version=1)
+        pool.sender.stage(1, changed.items())
+        pool.sync(1)
         before = pool.generate(prompts, seed=3)
 
         os.kill(pool.info[1]["pid"], signal.SIGKILL)  # a lost worker: its share is issued again
@@ -110,11 +113,13 @@ def test_a_dead_rollout_worker_is_restarted_at_the_current_weights(tiny_model, r
         assert torch.equal(pool.engine_tensors([name], rank=1)[name], changed[name].to(torch.float32))
 
         os.kill(pool.info[0]["pid"], signal.SIGKILL)  # lost during a weight update: restarted, update completed
-        report = pool.update_weights(changed.items(), version=2)
+        pool.sender.stage(2, changed.items())
+        report = pool.sync(2)
         assert report["version"] == 2 and pool.restarts == 2
         assert all(torch.equal(pool.engine_tensors([name], rank=r)[name], changed[name]) for r in (0, 1))
     finally:
         if pool is not None:
+            pool.sender.shutdown()
             pool.shutdown()
 
 

@@ -59,7 +59,8 @@ def test_quiet_run_prints_phases_and_steps_and_logs_each_actor(tiny_home, tmp_pa
 
     assert "zero_stage: 0\n" in (out / "config.yaml").read_text()  # the stage auto chose, as it ran
     logs = out / "logs"
-    assert sorted(p.name for p in logs.iterdir()) == ["driver.log", "learner-0.log", "reward-0.log", "rollout-0.log"]
+    assert sorted(p.name for p in logs.iterdir()) == ["driver.log", "export-view.log", "learner-0.log", "reward-0.log",
+                                                      "rollout-0.log"]
     rollout_log = (logs / "rollout-0.log").read_text()
     assert rollout_log.startswith("==== home-rl rollout-0: pid ") and "non-default args" in rollout_log  # vLLM's own
     assert "DeepSpeed" in (logs / "learner-0.log").read_text()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from home_rl.model import FAST, HomeModel
 from home_rl.rollout.config import RolloutConfig
-from home_rl.trainer.grpo_think import GRPOThinkConfig, train
+from home_rl.trainer.grpo_think import GRPOThinkConfig, GRPOThinkTrainer, train
 from reward import get_verifier
 from reward.config import VerifierEntry
 
@@ -80,6 +80,40 @@ def score_groups(samples: list[dict], n: int) -> list[list[float]]:
 
 def zero_std_share(groups: list[list[float]]) -> float:
     return sum(len(set(g)) == 1 for g in groups) / len(groups)
+
+
+def train_losing_the_engine(cfg: GRPOThinkConfig, at_step: int) -> list[dict]:
+    """Run `cfg`, SIGKILLing the rollout engine just before it makes step `at_step`'s batch (it is found dead by
+    that call, restarted and filled from learner rank 0); the steps' metrics."""
+    import os
+    import signal
+    import time
+
+    trainer = GRPOThinkTrainer(cfg)
+    pool = trainer.rollout.pool
+    generate, victim = pool.generate, pool.info[0]["pid"]
+
+    def generate_after_a_loss(prompts, *args, seed=None, **kwargs):
+        if seed == cfg.seed * 100_003 + at_step - 1:  # the seed of step `at_step`'s rollout (steps count from 0 there)
+            os.kill(victim, signal.SIGKILL)
+            while os.path.exists(f"/proc/{victim}"):
+                time.sleep(0.05)
+        return generate(prompts, *args, seed=seed, **kwargs)
+
+    pool.generate = generate_after_a_loss
+    try:
+        trainer.run()
+    finally:
+        trainer.shutdown()
+    assert pool.info[0]["pid"] != victim
+    return read_metrics(Path(cfg.output_dir))
+
+
+def assert_same_steps(out: Path, reference: SimpleNamespace, steps: range) -> None:
+    metrics = read_metrics(out)
+    for step in steps:
+        assert rollout_ids(out, step) == rollout_ids(reference.out, step), step
+        assert metrics[step - 1]["reward/mean"] == reference.metrics[step - 1]["reward/mean"], step
 
 
 # ----------------------------------------------------------------------------- one 3-step run, several tests
@@ -209,6 +243,12 @@ def test_a_resumed_run_repeats_the_uninterrupted_steps_exactly(run, tmp_path):
             assert resumed[step - 1][key] == pytest.approx(run.metrics[step - 1][key], abs=1e-6), (step, key)
 
 
+def test_an_engine_lost_mid_run_is_refilled_from_the_learners_and_the_run_goes_on_alike(run, tmp_path):
+    metrics = train_losing_the_engine(tiny_config(run.home, tmp_path / "run", steps=3, **RUN_SETTINGS), at_step=2)
+    assert [m["rollout/worker_restarts"] for m in metrics] == [0, 1, 0]
+    assert_same_steps(tmp_path / "run", run, range(2, 4))
+
+
 def test_synchronous_steps_train_on_fresh_rollouts_and_log_each_side_s_idle_time(run):
     for m in run.metrics:
         assert m["async/staleness_max"] == m["async/staleness_mean"] == 0
@@ -216,6 +256,25 @@ def test_synchronous_steps_train_on_fresh_rollouts_and_log_each_side_s_idle_time
         # the learners wait for the rollout, the engines for the update (and the weight gather)
         assert m["timing/learner_idle_s"] >= m["timing/rollout_s"] + m["timing/reward_s"] - 0.05
         assert m["timing/rollout_idle_s"] >= m["timing/update_s"] - 0.05
+
+
+def test_zero3_learners_send_whole_layers_to_two_engines(tiny_home, ray_local, tmp_path):
+    """Two ZeRO-3 learners gather the think expert a decoder layer at a time onto rank 0, which sends it straight to
+    two engines: one bucket per layer, holding its gate, up and down projections (gate/up are one fused layer in
+    vLLM), and the engines then sample what the learners compute."""
+    home = tiny_home("qwen2")
+    out = tmp_path / "run"
+    cfg = tiny_config(home, out, steps=2, trainer__save_every=0, eval__rows=0)
+    cfg.learner.num_learners, cfg.learner.zero_stage, cfg.rollout.num_workers = 2, 3, 2
+    train(cfg)
+    metrics = read_metrics(out)
+    layers = json.loads((home / "config.json").read_text())["num_hidden_layers"]
+    pushed = metrics[1]  # version 1, sent after step 1's update, is reported with step 2
+    assert pushed["weight_sync/buckets"] == layers and pushed["weight_sync/tensors"] == 3 * layers, pushed
+    assert {s["weights_version"] for s in read_rollouts(out, 2)} == {1}
+    assert {s["worker"] for s in read_rollouts(out, 2)} == {0, 1}
+    for m in metrics:
+        assert m["rollout/logprob_diff_mean"] <= 1e-3 and m["rollout/logprob_pearson"] >= 0.999, m
 
 
 # ----------------------------------------------------------------------------- asynchronous GRPO
@@ -247,6 +306,15 @@ def test_asynchronous_steps_train_on_rollouts_one_version_old_weighed_by_tis(asy
     # a version behind, the behaviour policy differs from the old one: weights move away from 1
     assert any(abs(m["async/is_weight_max"] - 1) > 1e-3 for m in metrics[1:])
     assert (async_run.out / "checkpoints" / "step_00000002" / "pending_rollouts.pkl").is_file()
+
+
+def test_an_engine_lost_mid_asynchronous_run_is_refilled_while_the_learners_train(async_run, tmp_path):
+    """Step 3's batch (version 1) is made while the learners train step 2: the engine is restarted and filled from
+    learner rank 0's copy of version 1, on rank 0's own thread."""
+    cfg = tiny_config(async_run.home, tmp_path / "run", steps=4, trainer__max_staleness=1, trainer__save_every=2)
+    metrics = train_losing_the_engine(cfg, at_step=3)
+    assert [m["rollout/worker_restarts"] for m in metrics] == [0, 0, 1, 0]
+    assert_same_steps(tmp_path / "run", async_run, range(3, 5))
 
 
 def test_an_asynchronous_run_resumed_with_rollouts_in_flight_repeats_the_uninterrupted_steps(async_run, tmp_path):

@@ -256,9 +256,11 @@ def test_the_plan_places_actors_by_the_resource_checks_rule():
     plan = plan_for_config(cfg, cluster=described_cluster(2, 4, 80, 200))
     # 4 learners fill node 0's GPUs, the 4 rollout workers node 1's; the reward workers and the driver stay on node 0
     estimates = memory_plan.estimates
-    loading = memory_plan.learner_parts(model_shape(HOME_7B, "think", ["think_ref=think"]), cfg.learner, 3, 2,
-                                        cfg.memory_run())["loading"]
-    node0 = 4 * (estimates.LEARNER_BASELINE_GIB + loading) + 8 * estimates.REWARD_WORKER_GIB
+    shape = model_shape(HOME_7B, "think", ["think_ref=think"])
+    loading = memory_plan.learner_parts(shape, cfg.learner, 3, 2, cfg.memory_run())["loading"]
+    # learner rank 0 also keeps the think expert's versions for the engines, in host memory
+    staged = cfg.memory_run().staged_versions * shape.trainable * 2 / 2**30
+    node0 = 4 * (estimates.LEARNER_BASELINE_GIB + loading) + max(0.0, staged - loading) + 8 * estimates.REWARD_WORKER_GIB
     assert actor(plan, "host node 0").predicted_gib == pytest.approx(node0 + actor(plan, "driver").predicted_gib)
     node1 = 4 * (estimates.ROLLOUT_BASELINE_GIB + actor(plan, "rollout").parts["weights"])
     assert actor(plan, "host node 1").predicted_gib == pytest.approx(node1)

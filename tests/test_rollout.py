@@ -13,16 +13,17 @@ import transformers
 
 from home_rl.errors import ConfigError, ModelError
 from home_rl.resources import Resources
-from home_rl.rollout import (RolloutConfig, RolloutInputError, RolloutPool, check_rollout_config, iter_buckets,
-                             logprob_agreement, recompute_logprobs, split_batch)
-from home_rl.rollout.engine_ext import missing_fused_parts
+from home_rl.rollout import (RolloutConfig, RolloutInputError, RolloutPool, check_rollout_config, logprob_agreement,
+                             recompute_logprobs, split_batch)
+from home_rl.weights import StagedWeights, WeightSender
+from home_rl.weights.gloo import missing_fused_parts
 
 MAX_NEW = 16
 
 
 def tiny_cfg(**overrides) -> RolloutConfig:
     base = dict(num_workers=2, n=4, dtype="float32", max_model_len=128, max_response_tokens=MAX_NEW,
-                kv_cache_gib=0.25, resources=Resources(cpus=1, threads=1), seed=0, update_bucket_mb=1)
+                kv_cache_gib=0.25, resources=Resources(cpus=1, threads=1), seed=0)
     return RolloutConfig(**{**base, **overrides})
 
 
@@ -43,8 +44,11 @@ def base_model(qwen2):
 
 @pytest.fixture(scope="module")
 def pool(ray_local, qwen2):
+    """Two engines that load new weights from a WeightSender in this process (in a run: learner rank 0)."""
     pool = RolloutPool(str(qwen2), tiny_cfg())
+    pool.attach(WeightSender())
     yield pool
+    pool.sender.shutdown()
     pool.shutdown()
 
 
@@ -61,9 +65,15 @@ def prompts(tokenizer):
              "row_id": f"q{i}"} for i in range(16)]
 
 
-def load_state(pool: RolloutPool, model: torch.nn.Module, version: int, **kw) -> dict:
+def push(pool: RolloutPool, named_tensors, version: int) -> dict:
+    """Stage `named_tensors` as `version` on the pool's sender, and have every engine load it."""
+    pool.sender.stage(version, named_tensors)
+    return pool.sync(version)
+
+
+def load_state(pool: RolloutPool, model: torch.nn.Module, version: int) -> dict:
     """Send every tensor of `model` (a full update)."""
-    return pool.update_weights(((n, t) for n, t in model.state_dict().items()), version=version, **kw)
+    return push(pool, model.state_dict().items(), version)
 
 
 def hf_greedy(model, ids: list[int], max_new: int = MAX_NEW) -> list[int]:
@@ -108,13 +118,25 @@ def test_split_batch_balances_count_and_length():
     assert split_batch([1.0, 1.0, 1.0], 4) == [[0], [1], [2], []]
 
 
-def test_iter_buckets_respects_the_size_limit():
-    tensors = [(f"t{i}", torch.zeros(256 * 1024 // 4)) for i in range(10)]  # 256 KiB each
-    buckets = list(iter_buckets(iter(tensors), max_mb=1))
-    assert [len(b) for b in buckets] == [4, 4, 2]
-    assert [n for b in buckets for n, _ in b] == [n for n, _ in tensors]
-    big = list(iter_buckets([("big", torch.zeros(2 * 2**20 // 4)), ("small", torch.zeros(4))], max_mb=1))
-    assert [[n for n, _ in b] for b in big] == [["big"], ["small"]]
+def test_staged_buckets_follow_decoder_layers():
+    """One bucket per decoder layer (and one each for what comes before and after them): a fused layer's parts
+    (q/k/v, gate/up) always travel together, whatever order the learner gathered them in."""
+    leaf = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    names = ["model.embed_tokens.weight"] + [f"model.layers.{i}.{x}.weight" for i in (1, 0) for x in leaf[::-1]]
+    names += ["model.norm.weight", "model.layers.0.input_layernorm.weight"]
+    staged = StagedWeights()
+    staged.stage(3, [(n, torch.zeros(2)) for n in names])
+    staged.select(3)
+    groups = staged.groups()
+    assert groups[0] == ["model.embed_tokens.weight"] and groups[-1] == ["model.norm.weight"]
+    assert [{n.split(".")[2] for n in g} for g in groups[1:-1]] == [{"0"}, {"1"}]  # whole layers, in layer order
+    assert sorted(n for g in groups for n in g) == sorted(names)
+    mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    assert all(missing_fused_parts(g, mapping) == [] for g in groups)
+    assert [m.name for m in staged.metadata()] == [n for g in groups for n in g]
+    staged.stage_unchanged(4, of=3)
+    staged.drop_before(4)
+    assert list(staged.versions) == [4] and staged.versions[4][1][0][0] == groups[1][0]
 
 
 def test_missing_fused_parts_names_the_siblings():
@@ -124,6 +146,26 @@ def test_missing_fused_parts_names_the_siblings():
     assert missing_fused_parts(names, mapping) == ["model.layers.0.self_attn.k_proj.weight",
                                                    "model.layers.0.self_attn.v_proj.weight"]
     assert missing_fused_parts(names[1:], mapping) == []
+
+
+def test_vllm_is_imported_only_through_its_list_of_names():
+    """Beyond `vllm`'s top level, the package reaches vLLM only through home_rl/vllm_names.py, and every
+    name listed there exists in the installed vLLM."""
+    import re
+    from pathlib import Path
+
+    import vllm
+
+    from home_rl import vllm_names as vn
+
+    package = Path(vn.__file__).parent
+    direct = [f"{path.relative_to(package)}:{n + 1}" for path in package.rglob("*.py") if path.name != "vllm_names.py"
+              for n, line in enumerate(path.read_text().splitlines())
+              if re.match(r"\s*(from vllm\.|import vllm\.)", line)]
+    assert direct == []
+    assert vllm.__version__ == vn.CHECKED_AGAINST
+    for name in [*vn.WEIGHT_TRANSFER, *vn.INTERNAL]:
+        assert getattr(vn, name) is not None, name
 
 
 def test_config_errors_name_the_key():
@@ -189,8 +231,9 @@ def test_think_only_update_matches_transformers_and_leaves_the_rest(pool, prompt
     # the learner side also has changed attention weights that are NOT sent: they must not appear
     not_sent = perturbed(updated, lambda n: "self_attn" in n, seed=2)
     changed = [(n, t) for n, t in not_sent.state_dict().items() if is_mlp(n)]
-    report = pool.update_weights(iter(changed), version=21, bucket_mb=0.02)  # several buckets, gate/up split
-    assert report["buckets"] > 2 and report["tensors"] == len(changed) == 6
+    report = push(pool, changed, version=21)
+    layers = base_model.config.num_hidden_layers
+    assert report["buckets"] == layers and report["tensors"] == len(changed) == 3 * layers  # a bucket per layer
 
     after = assert_greedy_matches(pool, updated, prompts[:8], version=21)
     assert [s.response_ids for s in after.flat()] != [s.response_ids for s in before.flat()]
@@ -205,24 +248,23 @@ def test_full_update_repacks_tied_lm_head(pool, prompts, qwen2):
     new = transformers.AutoModelForCausalLM.from_pretrained(qwen2, dtype=torch.float32).eval()
     new = perturbed(new, lambda n: True, seed=5, scale=0.05)  # embeddings (tied LM head) change too
     assert new.config.tie_word_embeddings
-    report = load_state(pool, new, version=30)
-    assert report["repacked_lm_heads"] == 1
-    assert_greedy_matches(pool, new, prompts[:8], version=30)
+    load_state(pool, new, version=30)
+    assert_greedy_matches(pool, new, prompts[:8], version=30)  # a stale packed LM head would answer otherwise
 
 
 def test_update_missing_a_fused_part_is_refused(pool, prompts, base_model):
     load_state(pool, base_model, version=40)
     broken = perturbed(base_model, lambda n: "layers.0.self_attn.q_proj" in n, seed=9)
     only_q = [(n, t) for n, t in broken.state_dict().items() if "layers.0.self_attn.q_proj" in n]
-    with pytest.raises(ModelError, match=r"k_proj\.weight.*version stays 40"):
-        pool.update_weights(iter(only_q), version=41)
+    with pytest.raises(ModelError, match=r"stay at version 40.*k_proj\.weight"):
+        push(pool, only_q, version=41)
     assert_greedy_matches(pool, base_model, prompts[:4], version=40)  # the layer was put back as it was
 
 
 def test_update_with_unknown_tensor_fails_cleanly(pool, prompts, base_model):
     load_state(pool, base_model, version=50)
     with pytest.raises(ModelError, match="no_such_layer"):
-        pool.update_weights(iter([("model.no_such_layer.weight", torch.zeros(4))]), version=51)
+        push(pool, [("model.no_such_layer.weight", torch.zeros(4))], version=51)
     assert_greedy_matches(pool, base_model, prompts[:4], version=50)
 
 
@@ -305,7 +347,8 @@ def test_qwen2_5_vl_update_under_view_names(vl_pool, vl, vl_model):
     changed = [(n, t) for n, t in updated.state_dict().items() if ".mlp." in n]
     assert any(n.startswith("model.language_model.layers.") for n, _ in changed)
     assert any(n.startswith("model.visual.blocks.") for n, _ in changed)
-    vl_pool.update_weights(iter(changed), version=1)
+    vl_pool.attach(WeightSender())
+    push(vl_pool, changed, version=1)
     assert_vl_greedy_matches(vl_pool, transformers.AutoProcessor.from_pretrained(vl), updated, version=1)
 
 

@@ -52,7 +52,7 @@ def drive(staleness: int, steps: int, eval_every: int = 0, first_step: int = 0, 
             trained.append((batch.step, batch.version))
             version = step + 1
             due = bool(eval_every and version % eval_every == 0) or version == steps
-            ahead.publish(WeightsSnapshot(version, []), evaluate=due)
+            ahead.publish(WeightsSnapshot(version), evaluate=due)
             if due:
                 metrics, ended = ahead.evaluation(version)
                 assert metrics == {"eval/accuracy": float(version)} and ended <= time.perf_counter()
@@ -97,7 +97,7 @@ def test_drain_returns_the_batches_made_ahead_and_a_resumed_thread_continues_the
     try:
         for step in range(3):
             ahead.next()
-            ahead.publish(WeightsSnapshot(step + 1, []))
+            ahead.publish(WeightsSnapshot(step + 1))
         ahead.next()  # step 3 (version 1)
         pending = ahead.drain()  # what a checkpoint at step 4 would keep, before version 4 is published
         assert [(b.step, b.version) for b in pending] == [(4, 2), (5, 3)]

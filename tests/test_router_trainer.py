@@ -178,12 +178,14 @@ def test_view_swap_sends_exactly_the_think_expert(tiny_home):
     from home_rl.router.actor import HomeModelActor
 
     trainer = HomeModelActor(str(tiny_home))
-    sent = {name: t for names in trainer.expert_weight_chunks("think") for name, t in trainer.expert_weights(names, "think")}
+    trainer.stage_expert(1, "think")  # what its WeightSender sends the engines serving the fast view
+    buckets = trainer.sender.source.versions[1]
+    sent = {name: t for bucket in buckets for name, t in bucket}
     think, fast = trainer.home.view_state_dict("think"), trainer.home.view_state_dict("fast")
     differs = {k for k in think if not torch.equal(think[k], fast[k])}
     assert set(sent) == differs and all(".mlp." in k for k in sent)
-    assert all(torch.equal(sent[k], think[k]) for k in sent)
-    assert len(trainer.expert_weight_chunks("think")) == len(trainer.home.hybrid_mlps)  # one chunk per layer
+    assert all(t.dtype == trainer.saved_dtype and torch.equal(t, think[k].to(t.dtype)) for k, t in sent.items())
+    assert len(buckets) == len(trainer.home.hybrid_mlps)  # one bucket per layer
 
 
 def test_batched_features_match_one_prompt_at_a_time(tiny_model, tmp_path):

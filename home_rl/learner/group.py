@@ -60,7 +60,7 @@ class LearnerGroup:
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **actor_env()}
         if not options[0]["num_gpus"]:
             env["DS_ACCELERATOR"] = "cpu"
-        actor = ray.remote(LearnerWorker)
+        actor = ray.remote(concurrency_groups={"weights": 1})(LearnerWorker)  # rank 0 sends weights on a thread of its own
         self.actors = [actor.options(**options[i], runtime_env={"env_vars": env})
                        .remote(i, self.world_size, to_dict(cfg), threads) for i in range(self.world_size)]
         addr, port = ray.get(self.actors[0].address.remote())
@@ -154,6 +154,19 @@ class LearnerGroup:
         chunks = ray.get(self.actors[0].weight_chunks.remote(view, only_trainable))
         for names in chunks:
             yield from self._run("gather", names, view)[0]
+
+    def stage_weights(self, version: int, view: Optional[str] = None, only_trainable: bool = False,
+                      changed: bool = True, keep_from: int = 0) -> None:
+        """Version `version` of the served tensors (`view`, `only_trainable` as in iter_weights) kept on rank 0 for
+        the rollout engines, which load it through `weight_sender()`; `changed` False: version - 1's tensors.
+        Older versions than `keep_from` are dropped (none that an engine may still need to be refilled with)."""
+        self._run("stage_weights", version, view, only_trainable, changed, keep_from)
+
+    def weight_sender(self) -> Any:
+        """The home_rl.weights Sender for a RolloutPool: rank 0 sends its staged versions to the engines."""
+        from home_rl.weights import ActorSender
+
+        return ActorSender(self.actors[0])
 
     def save_checkpoint(self, folder: str) -> None:
         """Engine + optimiser + schedule state of every rank into `folder` (the caller makes it atomic)."""

@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Any, Optional
 
+import ray
 import torch
 
 from home_rl.console import capture_output
@@ -80,6 +81,7 @@ class LearnerWorker:
         self.cfg.resources.pin()  # before torch starts its threads: they inherit the cores
         torch.set_num_threads(max(1, threads))
         self.engine = None
+        self.sender = None  # rank 0's home_rl.weights.WeightSender: the versions the rollout engines load
 
     # ------------------------------------------------------------------ set-up
 
@@ -288,6 +290,36 @@ class LearnerWorker:
             if self.rank != 0:
                 return []
             return [(self._view_name(n, view), p.detach().to("cpu", copy=True)) for n, p in zip(names, chosen)]
+
+    def stage_weights(self, version: int, view: Optional[str], only_trainable: bool, changed: bool = True,
+                      keep_from: int = 0) -> None:
+        """Gather the served tensors (a decoder layer at a time, every rank) and keep them on rank 0 as `version`,
+        for the rollout engines; `changed` False: the same tensors as version - 1 (a step without an update).
+        Versions older than `keep_from` are dropped first, so they never share host memory with the new one."""
+        from home_rl.weights import WeightSender
+
+        if self.rank == 0:
+            self.sender = self.sender or WeightSender()
+            if not changed:
+                self.sender.stage_unchanged(version, version - 1)
+            self.sender.source.drop_before(keep_from)
+        if changed:
+            pairs = [pair for names in self.weight_chunks(view, only_trainable) for pair in self.gather(names, view)]
+            if self.rank == 0:
+                self.sender.stage(version, pairs)
+
+    # On their own thread, so that rank 0 sends a version while the group trains the next (asynchronous rollouts);
+    # they touch only rank 0's staged copies, never a collective of the learners' group.
+    @ray.method(concurrency_group="weights")
+    def connect_engines(self, engines: list, workers_per_engine: int, backend: str) -> None:
+        from home_rl.weights import WeightSender
+
+        self.sender = self.sender or WeightSender()
+        self.sender.connect(engines, workers_per_engine, backend)
+
+    @ray.method(concurrency_group="weights")
+    def send_weights(self, version: int) -> dict:
+        return self.sender.send(version)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -67,12 +67,16 @@ def plan(shape: ModelShape, run: Run, cluster: Cluster, zero_stage: Optional[int
     _single_actors(draft, shape, run)
     stage = zero_stage if run.learner is not None else None
     host_of = draft.host_by_node()
-    driver = {"baseline": DRIVER_BASELINE_GIB}
-    if run.exports_view:  # export_think_view: HomeModel.from_pretrained in the checkpoint's dtype, streamed
-        driver["view_export"] = shape.home_checkpoint * shape.disk_bytes / GIB
+    driver = {"baseline": DRIVER_BASELINE_GIB}  # it holds no weights: they go from learner rank 0 to the engines
     host_of[0] += sum(driver.values())
     _add(draft, ActorPlan("driver", 1, "cpu", sum(driver.values()), draft.host0, driver),
-         "the driver exports the think view from the whole HOME checkpoint: run it on a node with more RAM")
+         "the driver's node lacks memory for its baseline: run it on a node with more RAM")
+    if run.exports_view:  # export_think_view: HomeModel.from_pretrained in the checkpoint's dtype, in a process of its
+        # own beside the driver before the learners and engines load (so not in the nodes' sums)
+        export = {"baseline": LEARNER_BASELINE_GIB, "checkpoint": shape.home_checkpoint * shape.disk_bytes / GIB}
+        _add(draft, ActorPlan("view export", 1, "cpu", sum(export.values()), draft.host0 - DRIVER_BASELINE_GIB,
+                              export), "the think view's export loads the whole HOME checkpoint: run the driver on "
+                                       "a node with more RAM")
     for i, (node, used) in enumerate(zip(cluster.nodes, host_of)):
         _add(draft, ActorPlan(f"host node {i}", 1, "host", used, node.host_gib * USABLE, {"placed": used}),
              host_advice(run, stage))
@@ -94,6 +98,8 @@ def _learners(draft: _Draft, shape: ModelShape, run: Run, stage: int, colocated:
     b = 4 if run.dtype == "float32" or (run.dtype == "bfloat16" and not cluster.bf16 and not on_gpu) else 2
     parts = learner_parts(shape, learner, stage, b, run)
     loading = parts.pop("loading")
+    # rank 0 keeps the versions the engines load (the trainable tensors, in host memory)
+    staged = run.staged_versions * shape.trainable * b / GIB
     train = sum(parts.values())
     advice = learner_advice(learner, stage, on_gpu, parts)
     if on_gpu and gpus < learner.num_learners * learner.gpus_per_learner(gpus):
@@ -107,13 +113,16 @@ def _learners(draft: _Draft, shape: ModelShape, run: Run, stage: int, colocated:
         available = draft.gpu_size * USABLE - (GPU_CONTEXT_GIB if colocated else 0.0)
         _add(draft, ActorPlan("learner", learner.num_learners, "cuda", train + GPU_CONTEXT_GIB, available,
                               {**parts, "cuda_context": GPU_CONTEXT_GIB}), advice)
-        draft.place(1, LEARNER_BASELINE_GIB + loading, learner.num_learners)
+        draft.place(1, LEARNER_BASELINE_GIB + max(loading, staged), 1)
+        draft.place(1, LEARNER_BASELINE_GIB + loading, learner.num_learners - 1)
         return parts["weights"] + parts["gradients"] + parts["optimizer"] + GPU_CONTEXT_GIB
     else:  # on a CPU the host holds it all: loading comes first, training after (the peak is the larger)
-        predicted = LEARNER_BASELINE_GIB + max(loading, train)
+        predicted = LEARNER_BASELINE_GIB + max(loading, train + staged)  # rank 0's, the largest
         _add(draft, ActorPlan("learner", learner.num_learners, "cpu", predicted, draft.host0,
-                              {**parts, "baseline": LEARNER_BASELINE_GIB, "loading": loading}), advice)
-        draft.place(0, predicted, learner.num_learners)
+                              {**parts, "baseline": LEARNER_BASELINE_GIB, "loading": loading,
+                               "staged_versions": staged}), advice)
+        draft.place(0, predicted, 1)
+        draft.place(0, LEARNER_BASELINE_GIB + max(loading, train), learner.num_learners - 1)
     return 0.0
 
 

@@ -22,6 +22,7 @@ class Run:
     dtype: str = "bfloat16"  # model.dtype: the learners' training dtype
     prompt_tokens: int = 1024  # data.max_prompt_tokens
     response_tokens: int = 128  # the longest response a learner trains on
-    exports_view: bool = False  # the driver exports the think view (GRPO)
+    exports_view: bool = False  # a process of its own exports the think view before the engines start (GRPO)
+    staged_versions: int = 0  # weight versions learner rank 0 keeps for the engines (GRPO: the engines' and the next ones)
     mode: str = "disaggregated"  # cluster.mode
     on_long_prompt: str = "error"

@@ -3,7 +3,7 @@
     from home_rl.rollout import RolloutConfig, RolloutPool
     pool = RolloutPool(view_folder, RolloutConfig(num_workers=2))
     result = pool.generate(prompts)                      # result.samples[i]: the n Samples of prompts[i]
-    pool.update_weights(named_tensors, version=1)
+    pool.attach(sender); pool.sync(version=1)            # new weights from a home_rl.weights Sender
 
 Heavy imports (vLLM, Ray) happen inside the workers and methods, not here.
 """
@@ -12,7 +12,7 @@ from home_rl.rollout.config import RolloutConfig, check_rollout_config
 from home_rl.rollout.inputs import RolloutInputError
 from home_rl.rollout.pool import RolloutPool, split_batch
 from home_rl.rollout.types import RolloutResult, Sample
-from home_rl.rollout.worker import RolloutWorker, iter_buckets
+from home_rl.rollout.worker import RolloutWorker
 
 __all__ = ["RolloutConfig", "RolloutPool", "RolloutWorker", "RolloutResult", "Sample", "RolloutInputError",
-           "check_rollout_config", "split_batch", "iter_buckets", "recompute_logprobs", "logprob_agreement"]
+           "check_rollout_config", "split_batch", "recompute_logprobs", "logprob_agreement"]

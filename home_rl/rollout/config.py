@@ -42,7 +42,7 @@ class RolloutConfig:
     tensor_parallel_size: int = 1  # CUDA build: GPUs one engine shards the model over
     in_process_engine: bool = True  # run the engine inside the actor (VLLM_ENABLE_V1_MULTIPROCESSING=0); false: vLLM's own engine process (needed for tensor_parallel_size > 1)
     limit_images_per_prompt: int = 4  # most images one prompt may carry (vLLM sizes its multimodal buffers by it)
-    update_bucket_mb: int = 256  # weight updates travel in buckets of at most this many MB (no step holds a whole model copy)
+    weight_transfer: str = "auto"  # backend of vLLM's weight-transfer API that brings new weights to the engines: gloo (host memory, any engine) | nccl (GPU to GPU) | auto: nccl where workers have GPUs of their own, else gloo
     resources: Resources = resources_field()  # what each worker actor asks Ray for (gpus: tensor_parallel_size on GPU clusters; threads 0: the machine's cores / num_workers)
     sleep_during_updates: bool = False  # CUDA build: offload the engine's weights and drop its KV cache while learners update (set by cluster.mode=colocated)
     max_restarts: int = 3  # a worker that dies is restarted and its share re-issued, at most this many times per call
@@ -51,12 +51,21 @@ class RolloutConfig:
         "on_long_prompt": ("error", "truncate", "skip"),
         "dtype": ("float32", "bfloat16", "float16"),
         "logprobs_mode": ("raw_logprobs", "processed_logprobs"),
+        "weight_transfer": ("auto", "gloo", "nccl"),
     }
 
     @property
     def max_prompt_tokens(self) -> int:
         """Longest prompt that leaves room for a whole response in the engine's context."""
         return self.max_model_len - self.max_response_tokens
+
+    @property
+    def transfer_backend(self) -> str:
+        """`weight_transfer` with auto decided: nccl where the workers have GPUs of their own, else gloo (a colocated
+        engine shares its GPU with a learner, and one NCCL group cannot hold two ranks on one GPU)."""
+        if self.weight_transfer != "auto":
+            return self.weight_transfer
+        return "nccl" if self.resources.gpus > 0 and not self.sleep_during_updates else "gloo"
 
 
 def check_rollout_config(cfg: RolloutConfig) -> None:
@@ -65,7 +74,7 @@ def check_rollout_config(cfg: RolloutConfig) -> None:
         if getattr(cfg, key) not in choices:
             raise ConfigError(f"rollout.{key} must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}")
     positive = ("num_workers", "n", "max_response_tokens", "max_model_len", "max_num_seqs",
-                "tensor_parallel_size", "limit_images_per_prompt", "update_bucket_mb")
+                "tensor_parallel_size", "limit_images_per_prompt")
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"rollout.{key} must be at least 1, got {getattr(cfg, key)}")

@@ -2,23 +2,24 @@
 
     pool = RolloutPool(view_folder, cfg)                 # Ray already initialised by the caller
     result = pool.generate(prompts, seed=step)           # samples per prompt in input order; stats per worker
-    pool.update_weights(named_tensors, version=step)     # buckets: ray.put once, every worker loads it
+    pool.attach(sender)                                  # a home_rl.weights Sender: the learners' rank 0, ...
+    pool.sync(version=step)                              # the sender's staged version, straight to every engine
     pool.shutdown()
 
 A batch is split so that every worker gets about the same number of prompts and about the same
 amount of work (prompt length plus the responses' budget), then put back in input order.
 
-A worker that dies (node lost, OOM-killed, preempted) is restarted in its placement bundle, brought
-to the current weights through `weights_source` (a callable yielding the changed tensors, e.g. the
-learners' think expert), and its share of the call is issued again with the same seed. Restarts
-are counted in the stats (`worker_restarts`) and in `pool.restarts`.
+A worker that dies (node lost, OOM-killed, preempted) is restarted in its placement bundle, the engines join
+the sender again and receive the pool's weights version from it (the driver never holds weights), and its share
+of the call is issued again with the same seed. Restarts are counted in the stats (`worker_restarts`) and in
+`pool.restarts`.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -27,10 +28,9 @@ from home_rl.errors import HomeRLError, ray_get
 from home_rl.rollout.config import RolloutConfig, check_rollout_config
 from home_rl.rollout.inputs import as_vllm_prompt
 from home_rl.rollout.types import RolloutResult, Sample
-from home_rl.rollout.worker import RolloutWorker, engine_env, iter_buckets
+from home_rl.rollout.worker import RolloutWorker, engine_env
 
 log = logging.getLogger(__name__)
-WeightsSource = Callable[[], Iterable[tuple[str, torch.Tensor]]]
 
 CHARS_PER_TOKEN = 4  # rough size of a text prompt before tokenisation (balancing only)
 TOKENS_PER_IMAGE = 256  # rough size of an image in prompt tokens (balancing only)
@@ -71,17 +71,14 @@ def worker_seed(seed: int, rank: int) -> int:
 
 
 class RolloutPool:
-    def __init__(self, model_path: str, cfg: RolloutConfig, placement: Any = None,
-                 weights_source: Optional[WeightsSource] = None):
+    def __init__(self, model_path: str, cfg: RolloutConfig, placement: Any = None):
         """`placement`: the job's home_rl.cluster.Placement holding the workers' bundles (None: each worker
-        asks for rollout.resources wherever Ray finds them). `weights_source`: what a restarted worker loads
-        after the view on disk, once update_weights has run (without one, a worker lost after an update
-        cannot be replaced)."""
+        asks for rollout.resources wherever Ray finds them)."""
         check_rollout_config(cfg)
         start = time.perf_counter()
         self.cfg, self.model_path = cfg, str(model_path)
         self.placement = placement
-        self.weights_source = weights_source
+        self.sender: Any = None  # a home_rl.weights Sender, once attached
         self.version = 0
         self.restarts = 0
         self.workers = [self._start(rank) for rank in range(cfg.num_workers)]
@@ -96,13 +93,14 @@ class RolloutPool:
                                                    runtime_env={"env_vars": {**engine_env(self.cfg), **actor_env()}})
         return actor.remote(self.model_path, self.cfg, rank)
 
-    def _restart(self, rank: int, error: BaseException) -> None:
-        """Replace dead worker `rank`: a new actor in the same bundle, at the pool's weights version."""
+    def _restart(self, rank: int, error: BaseException, refill: bool = True) -> None:
+        """Replace dead worker `rank`: a new actor in the same bundle, at the pool's weights version (`refill`
+        False: the caller sends a version next)."""
         import ray
 
-        if self.version and self.weights_source is None:
+        if self.version and self.sender is None:
             raise HomeRLError(f"rollout worker {rank} died after a weight update and the pool has no "
-                              f"weights_source to bring a replacement up to date") from error
+                              f"sender to bring a replacement up to date") from error
         log.warning("rollout worker %d died (%s): restarting it (restart %d)", rank,
                     str(error).splitlines()[0][:200], self.restarts + 1)
         try:
@@ -111,8 +109,10 @@ class RolloutPool:
             pass
         self.workers[rank] = self._start(rank)
         info = ray_get(self.workers[rank].ready.remote())
-        if self.version:
-            self._push([self.workers[rank]], self.weights_source(), self.version, self.cfg.update_bucket_mb)
+        if self.sender is not None:  # every engine joins a new group with the sender; the new one gets the weights
+            self.sender.connect(self.workers, self.cfg.tensor_parallel_size, self.cfg.transfer_backend)
+            if self.version and refill:
+                self.sender.send(self.version)
         self.info[rank] = info
         self.restarts += 1
 
@@ -175,56 +175,30 @@ class RolloutPool:
                  "per_worker": per_worker}
         return RolloutResult(samples, stats)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-                       bucket_mb: Optional[float] = None) -> dict:
-        """Send changed tensors (names of the served view) to every worker, one bucket at a time.
+    def attach(self, sender: Any) -> None:
+        """Connect every engine to `sender` (a home_rl.weights Sender): later versions come from it directly."""
+        self.sender = sender
+        sender.connect(self.workers, self.cfg.tensor_parallel_size, self.cfg.transfer_backend)
 
-        Each bucket is put in Ray's object store once and loaded by all workers; the next bucket is
-        put while the workers load the current one, so at most two buckets are in flight. If a
-        worker dies meanwhile, it is restarted and the update is made again from weights_source.
-        """
+    def sync(self, version: int) -> dict:
+        """Every engine loads the sender's staged `version` (the changed tensors of the served view). If a worker
+        dies meanwhile, it is restarted and the version is sent again."""
         import ray
 
+        if self.sender is None:
+            raise RuntimeError("RolloutPool.sync before attach: no sender holds the weights")
         start = time.perf_counter()
         try:
-            report = self._push(self.workers, named_tensors, version, bucket_mb or self.cfg.update_bucket_mb)
-        except ray.exceptions.RayActorError as e:
-            if self.weights_source is None:
+            report = self.sender.send(version)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            dead = self._dead_ranks()
+            if not dead:
                 raise
-            for rank in self._dead_ranks():  # then every worker loads the whole update again
-                self._restart(rank, e)
-            report = self._push(self.workers, self.weights_source(), version, bucket_mb or self.cfg.update_bucket_mb)
+            for rank in dead:  # each restart joins every engine to a new group
+                self._restart(rank, e, refill=False)
+            report = self.sender.send(version)
         self.version = int(version)
         return {**report, "version": self.version, "seconds": time.perf_counter() - start}
-
-    def _push(self, workers: list, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-              bucket_mb: float) -> dict:
-        import ray
-
-        pending: list = []
-        nbytes = tensors = buckets = 0
-        try:
-            ray_get([w.begin_weight_update.remote() for w in workers])
-            for bucket in iter_buckets(named_tensors, bucket_mb):
-                ref = ray.put(bucket)
-                tensors += len(bucket)
-                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-                buckets += 1
-                del bucket
-                ray_get(pending)
-                pending = [w.load_weight_bucket.remote(ref) for w in workers]
-                del ref  # the workers' tasks keep it alive until they have loaded it
-            ray_get(pending)
-        except BaseException:
-            for w in workers:  # the living ones drop the half-done update; a dead one is past caring
-                try:
-                    ray.get(w.abort_weight_update.remote(), timeout=60)
-                except Exception:  # noqa: BLE001
-                    pass
-            raise
-        reports = ray_get([w.finish_weight_update.remote(version) for w in workers])
-        return {"tensors": tensors, "bytes": nbytes, "buckets": buckets,
-                "repacked_lm_heads": reports[0]["repacked_lm_heads"]}
 
     def _dead_ranks(self) -> list[int]:
         import ray

@@ -15,7 +15,7 @@ class Sample:
     text: str  # decoded response (ends with the stop string when one stopped it)
     finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_response_tokens or the context) | "abort"
     stop_reason: Union[str, int, None]  # the stop string or token id that ended it; None for EOS or length
-    weights_version: int  # version of the weights that generated it (set by update_weights)
+    weights_version: int  # version of the weights that generated it (set when a sender's update finishes)
     worker: int = 0  # rank of the rollout worker that generated it
     prompt_truncated: bool = False  # the prompt was cut to its last max_prompt_tokens tokens (on_long_prompt=truncate)
     row_id: Optional[str] = None  # the prompt's row id, when the caller gave one

@@ -2,7 +2,7 @@
 
     worker = RolloutWorker(view_folder, cfg, rank=0)
     result = worker.generate(prompts, n=8)                # RolloutResult: samples per prompt, in input order
-    worker.update_weights(named_tensors, version=3)       # the think expert's tensors, under the view's names
+    sender.connect([worker_actor]); sender.send(3)       # new weights through vLLM's weight-transfer API (home_rl.weights)
 
 The same code drives vLLM's CPU build (engine inside this process, CPU threads and KV-cache GiB
 from the config) and its CUDA build (tensor_parallel_size, gpu_memory_utilization); only the
@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -22,13 +22,12 @@ from home_rl.console import capture_output
 from home_rl.errors import ModelError
 from home_rl.resources import bf16_supported
 from home_rl.rollout.config import RolloutConfig, check_rollout_config
-from home_rl.rollout.engine_ext import hold_incomplete, missing_fused_parts, pack_bucket
 from home_rl.rollout.inputs import RolloutInputError, describe, prepare_prompt
 from home_rl.rollout.types import RolloutResult, Sample
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "home_rl.rollout.engine_ext.WeightUpdateExtension"
+EXTENSION = "home_rl.rollout.engine_ext.WorkerExtension"
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_response_tokens", "stop")
 
 
@@ -46,21 +45,6 @@ def engine_env(cfg: RolloutConfig) -> dict[str, str]:
     return env
 
 
-def iter_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], max_mb: float) -> Iterable[list[tuple[str, torch.Tensor]]]:
-    """Group (name, tensor) pairs into lists of at most max_mb MB (a larger tensor travels alone)."""
-    limit = max_mb * 2**20
-    bucket, size = [], 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > limit:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor.detach()))
-        size += nbytes
-    if bucket:
-        yield bucket
-
-
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutConfig, rank: int = 0):
         capture_output(f"rollout-{rank}")  # first: vLLM's output goes to the run's logs/ (a no-op in-process)
@@ -72,11 +56,15 @@ class RolloutWorker:
         torch.set_num_threads(threads_per_worker(cfg))
         import transformers
         from vllm import LLM
-        from vllm.platforms import current_platform
+
+        from home_rl import vllm_names as vn
+        from home_rl.weights import gloo
+
+        gloo.register()  # the CPU backend of vLLM's weight-transfer API, in this process (an in-process engine's)
 
         self.cfg, self.rank, self.model_path = cfg, rank, str(model_path)
         # vLLM's sleep mode needs its CUDA memory allocator; the CPU build has nothing to free
-        self.can_sleep = cfg.sleep_during_updates and current_platform.is_sleep_mode_available()
+        self.can_sleep = cfg.sleep_during_updates and vn.current_platform.is_sleep_mode_available()
         self.version = 0
         self.dtype = engine_dtype(cfg.dtype, "the rollout engine")
         hf_config = transformers.AutoConfig.from_pretrained(self.model_path)
@@ -97,16 +85,15 @@ class RolloutWorker:
             worker_extension_cls=EXTENSION,
             limit_mm_per_prompt={"image": cfg.limit_images_per_prompt} if multimodal else None,
             enable_sleep_mode=self.can_sleep,
+            weight_transfer_config=vn.WeightTransferConfig(backend=cfg.transfer_backend),
         )
         self.asleep = False
+        self.updating = False  # a weight update round is open (start_weight_update without its finish)
         self.start_s = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.image_token_id = _image_token_id(hf_config) if multimodal else None
         self.placeholder_bias = placeholder_bias(hf_config) if multimodal else {}
-        self._in_update = False
-        self._held: list[tuple[str, torch.Tensor]] = []  # fused parts waiting for their siblings
-        self.packed_modules = self.llm.collective_rpc("home_rl_packed_modules")[0]
 
     def ready(self) -> dict:
         return {"rank": self.rank, "pid": os.getpid(), "version": self.version, "start_s": self.start_s,
@@ -146,7 +133,7 @@ class RolloutWorker:
         and error messages.
         on_long_prompt: overrides rollout.on_long_prompt for this call (error | truncate | skip).
         """
-        from vllm.exceptions import VLLMValidationError
+        from home_rl.vllm_names import VLLMValidationError
 
         start, cpu_start = time.perf_counter(), time.process_time()
         indices = list(indices) if indices is not None else list(range(len(prompts)))
@@ -213,70 +200,34 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------ weights
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-                       bucket_mb: Optional[float] = None) -> dict:
-        """Load changed tensors (checkpoint names of the served view) in buckets; untouched ones stay as they are."""
-        start = time.perf_counter()
-        self.begin_weight_update()
-        nbytes = 0
-        try:
-            for bucket in iter_buckets(named_tensors, bucket_mb or self.cfg.update_bucket_mb):
-                nbytes += self.load_weight_bucket(bucket)
-        except BaseException:
-            self.abort_weight_update()
-            raise
-        stats = self.finish_weight_update(version)
-        return {**stats, "bytes": nbytes, "seconds": time.perf_counter() - start}
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        """Join a sender's group (vLLM's weight-transfer API; home_rl.weights): a new one replaces the last."""
+        self.llm.init_weight_transfer_engine({"init_info": init_info})
 
-    def begin_weight_update(self) -> None:
-        if self._in_update:
-            raise RuntimeError(f"rollout worker {self.rank}: a weight update is already in progress")
+    def start_weight_update(self) -> None:
         self.wake_up()  # the weights must be resident to be overwritten
-        self.llm.collective_rpc("home_rl_begin_update")
-        self._in_update, self._held = True, []
+        if self.updating:  # a sender that failed mid-round (another engine died) left this one's round open
+            log.warning("rollout worker %d: the last weight update never finished: closed now", self.rank)
+            self.llm.finish_weight_update()  # layers it did not complete keep their weights
+        self.llm.start_weight_update()
+        self.updating = True
 
-    def load_weight_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
-        """Load one bucket of a begun update; returns its bytes.
-
-        A part of a fused layer (q_proj of qkv_proj, ...) waits here until its siblings arrive, so the
-        engine never sees an incomplete fused layer.
-        """
-        if not self._in_update:
-            raise RuntimeError(f"rollout worker {self.rank}: load_weight_bucket before begin_weight_update")
-        ready, self._held = hold_incomplete(self._held + list(bucket), self.packed_modules)
-        if not ready:
-            return 0
-        payload = ready if self.cfg.in_process_engine else pack_bucket(ready)
+    def update_weights(self, update_info: dict) -> None:
+        """Receive a round from the sender (blocks until it has broadcast every bucket)."""
         try:
-            return self.llm.collective_rpc("home_rl_load_bucket", args=(payload,))[0]
+            self.llm.update_weights({"update_info": update_info})
         except BaseException as e:
-            self.abort_weight_update()
-            names = ", ".join(name for name, _ in ready[:4]) + (", ..." if len(ready) > 4 else "")
-            raise ModelError(f"rollout worker {self.rank}: cannot load weights [{names}]: {type(e).__name__}: {e}; "
-                             "the update was abandoned (layers already complete keep their new weights)") from e
+            self.updating = False  # the engine abandoned the round itself
+            raise ModelError(f"rollout worker {self.rank}: the update was abandoned and the weights stay at version "
+                             f"{self.version} (layers it completed keep their new weights): {type(e).__name__}: {e}"
+                             ) from e
 
-    def finish_weight_update(self, version: int) -> dict:
-        """Finish a begun update: process the new weights, reset the prefix cache, adopt `version`."""
-        if not self._in_update:
-            raise RuntimeError(f"rollout worker {self.rank}: finish_weight_update before begin_weight_update")
-        if self._held:
-            missing = missing_fused_parts([name for name, _ in self._held], self.packed_modules)
-            self.abort_weight_update()
-            raise ModelError(f"rollout worker {self.rank}: the update lacks {', '.join(missing[:6])}, fused with "
-                             f"{', '.join(name for name, _ in self._held[:6])}; those were not loaded (the rest was) "
-                             f"and the weights version stays {self.version}")
-        self._in_update = False
-        report = self.llm.collective_rpc("home_rl_finish_update")[0]
+    def finish_weight_update(self, version: int) -> None:
+        """Process what was received, forget the prompts computed with the old weights, adopt `version`."""
+        self.llm.finish_weight_update()
+        self.updating = False
         self._reset_caches()
         self.version = int(version)
-        return {"tensors": report["tensors"], "version": self.version, "repacked_lm_heads": report["repacked_lm_heads"]}
-
-    def abort_weight_update(self) -> None:
-        """Abandon a begun update (no-op without one): layers not yet complete keep their old weights."""
-        if self._in_update:
-            self._in_update, self._held = False, []
-            self.llm.collective_rpc("home_rl_finish_update", kwargs={"abort": True})
-            self._reset_caches()
 
     def reset_caches(self) -> None:
         """Forget the prompts computed so far, as a fresh engine: later samples do not depend on what ran before
@@ -312,9 +263,9 @@ class RolloutWorker:
 
 def engine_dtype(dtype: str, who: str) -> str:
     """The dtype a vLLM engine runs in: `dtype`, but float32 for bfloat16 on a CPU that only emulates it (warned)."""
-    from vllm.platforms import current_platform
+    from home_rl import vllm_names as vn
 
-    if dtype == "bfloat16" and current_platform.is_cpu() and not bf16_supported(torch.device("cpu")):
+    if dtype == "bfloat16" and vn.is_cpu() and not bf16_supported(torch.device("cpu")):
         log.warning("bfloat16 is not supported on this cpu: %s runs in float32", who)
         return "float32"
     return dtype

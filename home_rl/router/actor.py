@@ -8,7 +8,6 @@ and writes the HOME checkpoint with only the router changed.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,21 +61,24 @@ class HomeModelActor:
             self.home.export_view(expert, out_dir)
         return str(out_dir)
 
-    def expert_weight_chunks(self, expert: str) -> list[list[str]]:
-        """Names of `expert`'s tensors in the model, one list per decoder layer (what a view swap sends)."""
-        chunks: dict[int, list[str]] = {}
-        for name in self.home.state_dict():
-            if f".experts.{expert}." in name:
-                layer = int(re.search(r"\.layers\.(\d+)\.", name).group(1))
-                chunks.setdefault(layer, []).append(name)
-        return [chunks[k] for k in sorted(chunks)]
-
-    def expert_weights(self, names: list[str], expert: str) -> list[tuple[str, torch.Tensor]]:
-        """Those tensors under the view's (dense model's) names, on the CPU."""
+    def stage_expert(self, version: int, expert: str) -> None:
+        """`expert`'s MLP tensors under the view's (dense model's) names, as weights `version` for the engines that
+        serve a view (a view swap sends only what differs between the views)."""
         from home_rl.model import view_name
+        from home_rl.weights import WeightSender
 
-        state = self.home.state_dict()
-        return [(view_name(n, expert), state[n].detach().to("cpu", copy=True)) for n in names]
+        self.sender = getattr(self, "sender", None) or WeightSender()
+        self.sender.stage(version, [(view_name(n, expert), t.detach().to("cpu", self.saved_dtype, copy=True))
+                                    for n, t in self.home.state_dict().items() if f".experts.{expert}." in n])
+
+    def connect_engines(self, engines: list, workers_per_engine: int, backend: str) -> None:
+        from home_rl.weights import WeightSender
+
+        self.sender = getattr(self, "sender", None) or WeightSender()
+        self.sender.connect(engines, workers_per_engine, backend)
+
+    def send_weights(self, version: int) -> dict:
+        return self.sender.send(version)
 
     def features(self, items: list[dict], batch_size: int = 8,
                  candidates: Optional[list[tuple[int, str]]] = None) -> Any:

@@ -142,7 +142,7 @@ class HybridServer:
 
     async def deltas(self, p: Prepared) -> AsyncIterator[GenerationDelta]:
         """The engine's deltas, counted in the metrics whichever way the request ends."""
-        from vllm.exceptions import VLLMValidationError
+        from home_rl.vllm_names import VLLMValidationError
 
         self.metrics.started(p.expert)
         tokens, first, finishes = 0, None, {}

@@ -92,9 +92,8 @@ class ViewEngine:
     def __init__(self, view_dir: str | Path, expert: str, cfg: EngineConfig):
         import transformers
         from vllm import AsyncEngineArgs
-        from vllm.platforms import current_platform
-        from vllm.v1.engine.async_llm import AsyncLLM
 
+        from home_rl import vllm_names as vn
         from home_rl.rollout.worker import engine_dtype, placeholder_bias
 
         self.expert, self.cfg = expert, cfg
@@ -102,7 +101,7 @@ class ViewEngine:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.cores  # read by the engine process it starts
         hf_config = transformers.AutoConfig.from_pretrained(view_dir)
         multimodal = hasattr(hf_config, "vision_config")
-        self.can_seed = not current_platform.is_cpu()  # the CPU build crashes on a per-request seed
+        self.can_seed = not vn.is_cpu()  # the CPU build crashes on a per-request seed
         args = AsyncEngineArgs(
             model=str(view_dir), served_model_name=expert, dtype=engine_dtype(cfg.dtype, f"the {expert} engine"),
             seed=cfg.seed, max_model_len=cfg.max_model_len, enforce_eager=cfg.enforce_eager,
@@ -111,12 +110,13 @@ class ViewEngine:
             gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
             limit_mm_per_prompt={"image": cfg.limit_images_per_prompt} if multimodal else None,
             disable_log_stats=True)
-        self.engine = AsyncLLM.from_engine_args(args)
+        self.engine = vn.AsyncLLM.from_engine_args(args)
         self.bias = placeholder_bias(hf_config) if multimodal else {}
 
     def sampling_params(self, job: GenerationJob) -> Any:
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+
+        from home_rl.vllm_names import RequestOutputKind
 
         s = job.sampling
         return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=job.max_tokens,

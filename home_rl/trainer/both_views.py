@@ -14,7 +14,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from data_pipelines import DataConfig, render_prompt
 from home_rl.rollout.config import RolloutConfig
@@ -131,6 +131,7 @@ def rollout_both(home: Any, rows: Sequence[dict], processor: Any, data_cfg: Data
     import ray
 
     from home_rl.rollout import RolloutPool
+    from home_rl.weights import ActorSender
 
     per_expert: dict[str, tuple[list, list]] = {}
     per_expert_sampled: dict[str, list] = {}
@@ -140,11 +141,14 @@ def rollout_both(home: Any, rows: Sequence[dict], processor: Any, data_cfg: Data
     timing["export_s"] = time.perf_counter() - t0
     pool = RolloutPool(view, rollout_cfg, placement)
     try:
+        if len(experts) > 1:  # the actor sends the next view's MLP tensors straight to the engines
+            pool.attach(ActorSender(home))
         for version, expert in enumerate(experts):
             t1 = time.perf_counter()
             if version:  # the engines now serve `expert`'s view: only its MLP tensors differ from the last one's
-                sync = pool.update_weights(expert_weights(home, expert), version=version)
-                timing[f"{expert}/weight_swap_s"] = sync["seconds"]
+                ray.get(home.stage_expert.remote(version, expert))
+                pool.sync(version)
+                timing[f"{expert}/weight_swap_s"] = time.perf_counter() - t1
             rendered = [render_prompt(row, expert, processor, data_cfg, with_pixels=False) for row in rows]
             groups = _generate(pool, rendered, rollout_cfg.n, None, seed, f"rollout {expert}")
             t2 = time.perf_counter()
@@ -195,14 +199,6 @@ def _score(rewards: Any, rows: Sequence[dict], groups: list, expert: str, render
     scores, _ = rewards.score(to_score) if to_score else ([], {})
     it = iter(scores)
     return [expert_stats([next(it) for _ in group], [len(s.response_ids) for s in group]) for group in groups]
-
-
-def expert_weights(home: Any, expert: str) -> Iterator[tuple[str, Any]]:
-    """`expert`'s MLP tensors under the view's names, fetched from the actor one decoder layer at a time."""
-    import ray
-
-    for names in ray.get(home.expert_weight_chunks.remote(expert)):
-        yield from ray.get(home.expert_weights.remote(names, expert))
 
 
 def _mean(values: list[float]) -> float:

@@ -103,4 +103,5 @@ def dump_rollouts(path: Path, step: StepRollouts) -> None:
             for sample, score in zip(group.samples, group.scores):
                 f.write(json.dumps({"id": group.row["id"], "sample": sample.sample_index, "score": score["score"],
                                     "trained": id(group) in trained, "finish": sample.finish_reason,
-                                    "weights_version": sample.weights_version, "response": sample.text}) + "\n")
+                                    "weights_version": sample.weights_version, "worker": sample.worker,
+                                    "response": sample.text}) + "\n")

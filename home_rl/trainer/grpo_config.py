@@ -23,6 +23,7 @@ from home_rl.learner.config import LearnerConfig
 from home_rl.memory_plan.run import Run
 from home_rl.rollout.config import RolloutConfig
 from home_rl.trainer.config import GRPOTrainerConfig
+from home_rl.trainer.rollout_ahead import staged_versions
 from reward import RewardConfig
 
 
@@ -119,6 +120,7 @@ class GRPOThinkConfig:
             self.learner.trainable = "think,shared"  # the shared weights are in the think view: they sync too
         if self.cluster.mode == "colocated":
             self.rollout.sleep_during_updates = True  # the learner sharing the GPU gets the engine's memory
+        self.rollout.weight_transfer = self.rollout.transfer_backend  # auto decided, so config.yaml says which
         if self.algorithm.kl_coef > 0 and not any(c.startswith(REFERENCE + "=") for c in self.learner.frozen_copies):
             self.learner.frozen_copies = [*self.learner.frozen_copies, f"{REFERENCE}={THINK}"]
         if self.trainer.max_staleness > 0 and self.cluster.mode == "colocated":
@@ -153,8 +155,10 @@ class GRPOThinkConfig:
 
     def memory_run(self) -> Run:
         """What this job runs, for the memory plan: learners, rollout workers serving the think view, reward
-        workers, and a driver that exports the view from the HOME checkpoint (an embedded model's cold start)."""
+        workers, the think view's export from the HOME checkpoint (an embedded model's cold start), and the weight
+        versions learner rank 0 keeps for the engines (theirs, and the ones made ahead of them)."""
         return Run(model_path=self.model.path, embedded_home=True, learner=self.learner, rollout=self.rollout,
                    reward_workers=self.reward.num_workers, dtype=self.model.dtype,
                    prompt_tokens=self.data.max_prompt_tokens, response_tokens=self.rollout.max_response_tokens,
-                   exports_view=True, mode=self.cluster.mode, on_long_prompt=self.rollout.on_long_prompt)
+                   exports_view=True, staged_versions=staged_versions(self.trainer.max_staleness), mode=self.cluster.mode,
+                   on_long_prompt=self.rollout.on_long_prompt)

@@ -4,7 +4,7 @@ One controller process calls three Ray actor groups. Per step:
 
     prompts -> rollout (think view, vLLM) -> rewards (verifier pool) -> group advantages
             -> old / reference log-probs (learners) -> PPO-style updates (learners, ZeRO-3)
-            -> think-expert weights pushed to the rollout workers
+            -> think-expert weights staged on learner rank 0, sent from there to the engines (vLLM weight transfer)
 
 Two owners split a step. `RolloutSide` (home_rl/trainer/rollout_side.py) owns the prompts, the
 engines, the rewards and the thread that makes rollouts; this driver owns the learners and talks to
@@ -44,7 +44,7 @@ from home_rl.trainer.checkpoint import restore_rng, rng_state
 from home_rl.trainer.grpo_config import GRPOThinkConfig
 from home_rl.trainer.groups import StepRollouts, dump_rollouts, length_metrics, reward_metrics, training_sequences
 from home_rl.trainer.job import TrainingJob
-from home_rl.trainer.rollout_ahead import ReadyBatch, WeightsSnapshot
+from home_rl.trainer.rollout_ahead import ReadyBatch, WeightsSnapshot, kept_versions_from
 from home_rl.trainer.startup import job_placement, load_processor, resolve_home_checkpoint, shut_down
 
 __all__ = ["GRPOThinkConfig", "GRPOThinkTrainer", "train"]
@@ -91,6 +91,7 @@ class GRPOThinkTrainer:
             self.rollout = RolloutSide(cfg, self.home_dir, self.placement, processor, rows, eval_rows)
             self.learner = LearnerGroup(cfg.learner, str(self.home_dir), dtype=cfg.model.dtype,
                                         total_steps=cfg.trainer.total_steps, placement=self.placement)
+            self.rollout.attach(self.learner.weight_sender())  # new versions go from learner rank 0 to the engines
             state = self.job.restore(self.learner)
             if state is not None:
                 self._resume(state)
@@ -98,13 +99,12 @@ class GRPOThinkTrainer:
             self.shutdown()  # the actors started so far, their placement groups, and the Ray runtime
             raise
 
-    def think_weights(self):
-        """What the rollout engines need beyond the view on disk: the learners' current trainable tensors."""
-        return self.learner.iter_weights(view=THINK, only_trainable=True)
-
-    def snapshot(self) -> WeightsSnapshot:
-        """The learners' trainable think tensors now, on the driver, as version self.step."""
-        return WeightsSnapshot(self.step, list(self.think_weights()))
+    def snapshot(self, changed: bool = True) -> WeightsSnapshot:
+        """What the rollout engines need beyond the view on disk, as version self.step: the learners' trainable
+        think tensors, staged on their rank 0 (`changed` False: the last version's, a step without an update)."""
+        self.learner.stage_weights(self.step, view=THINK, only_trainable=True, changed=changed,
+                                   keep_from=kept_versions_from(self.step, self.cfg.trainer.max_staleness))
+        return WeightsSnapshot(self.step, changed)
 
     def _resume(self, state: dict) -> None:
         folder = self.job.resume_from
@@ -144,8 +144,8 @@ class GRPOThinkTrainer:
         else:  # every group was filtered out: nothing to learn from this step
             metrics["skipped"] = 1.0
         self.step += 1
-        with timer("weight_sync"):  # gathered on the driver: the rollout thread pushes them between engine calls
-            weights = self.snapshot() if step.trained else WeightsSnapshot(self.step, None)
+        with timer("weight_sync"):  # gathered onto learner rank 0: the rollout thread has it send them between engine calls
+            weights = self.snapshot(changed=bool(step.trained))
         if t.save_every and self.step % t.save_every == 0 and self.step < t.total_steps:
             with timer("checkpoint"):
                 self.checkpoint()
@@ -158,8 +158,6 @@ class GRPOThinkTrainer:
                if isinstance(v, (int, float))},  # verifier failures, per-verifier means, ...
             "throughput/generated_tokens_per_s": generated / max(metrics["timing/rollout_s"], 1e-9),
             "throughput/tokens_per_s": (generated + prompt_tokens) / metrics["timing/step_s"],
-            "weight_sync/tensors": len(weights.tensors or []),
-            "weight_sync/mb": sum(x.numel() * x.element_size() for _, x in weights.tensors or []) / 2**20,
             "rollout/worker_restarts": step.worker_restarts,  # workers lost and replaced while making this batch
             "rollout/worker_restarts_total": step.worker_restarts_total,
         })
@@ -226,8 +224,11 @@ class GRPOThinkTrainer:
         out.update({"timing/step_s": wall, "timing/learner_idle_s": max(0.0, wall - learner_busy),
                     "timing/rollout_idle_s": max(0.0, wall - self.rollout.busy_seconds(self.last_step_end, now))})
         pushed = self.rollout.push_reports_since()
-        if pushed:
+        if pushed:  # the versions the engines loaded since the last step: straight from learner rank 0
             out["timing/weight_push_s"] = sum(r["seconds"] for r in pushed)
+            out["weight_sync/tensors"] = sum(r["tensors"] for r in pushed)
+            out["weight_sync/buckets"] = sum(r["buckets"] for r in pushed)
+            out["weight_sync/mb"] = sum(r["bytes"] for r in pushed) / 2**20
         self.last_step_end = now
         return out
 

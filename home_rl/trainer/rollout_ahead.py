@@ -11,13 +11,13 @@ synchronous loop: batch j waits for the update of step j - 1.
     ahead.start()
     batch = ahead.next()                      # step 0's rollouts (version 0)
     ... update ...
-    ahead.publish(WeightsSnapshot(1, tensors), evaluate=False)
+    ahead.publish(WeightsSnapshot(1), evaluate=False)     # version 1 is staged where the engines load it from
     pending = ahead.drain()                   # at a checkpoint: the batches made but not yet trained
     ahead.close()
 
-Weights reach the engines only between engine calls, as whole versions. The main thread gathers a
-version's tensors from the learners (`WeightsSnapshot`); the thread never calls the learners, so two
-threads never interleave ZeRO-3 collectives.
+Weights reach the engines only between engine calls, as whole versions. The main thread stages a version on
+the learners (gathered onto rank 0, where it stays); the thread only asks rank 0 to send a staged version, on a
+thread of rank 0's own, so two threads never interleave ZeRO-3 collectives and the driver never holds weights.
 """
 from __future__ import annotations
 
@@ -27,13 +27,23 @@ import time
 from collections import deque
 from typing import Any, Callable, Optional
 
-import torch
-
 
 @dataclasses.dataclass
 class WeightsSnapshot:
-    version: int  # learner updates behind these weights
-    tensors: Optional[list[tuple[str, torch.Tensor]]]  # the served view's trainable tensors, gathered on the driver (None: unchanged, a step without an update)
+    version: int  # learner updates behind these weights (staged on the learners' rank 0)
+    changed: bool = True  # False: the same tensors as version - 1 (a step without an update): nothing to send
+
+
+def kept_versions_from(version: int, staleness: int) -> int:
+    """The oldest weights version an engine may still hold (and need again, if restarted) once `version` is staged.
+    Synchronous: none, the engines wait for `version`. With k > 0, the thread made the last trained batch with a
+    version of at least version - 1 - k, and may hold it still."""
+    return version if staleness == 0 else max(0, version - 1 - staleness)
+
+
+def staged_versions(staleness: int) -> int:
+    """How many versions learner rank 0 holds at most (the memory plan counts them)."""
+    return 1 if staleness == 0 else staleness + 2
 
 
 @dataclasses.dataclass

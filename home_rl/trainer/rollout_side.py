@@ -6,9 +6,10 @@ the engines and the loader; the driver's main thread, which owns the learners, t
 five calls:
 
     side = RolloutSide(cfg, home_dir, placement, processor, rows, eval_rows)
+    side.attach(learners.weight_sender())          # the engines load new versions from the learners' rank 0
     side.start(step, version, weights=None, evaluate_first=True)   # weights: what a resumed run loads first
     batch = side.next_batch()                      # the oldest batch made ahead (ReadyBatch)
-    side.publish(WeightsSnapshot(v, tensors), evaluate=False)
+    side.publish(WeightsSnapshot(v), evaluate=False)
     metrics, ended = side.evaluation(v)            # a held-out evaluation asked for by publish / start
     drained = side.drain()                         # at a checkpoint: batches made ahead and the loader's position
 
@@ -57,16 +58,13 @@ class RolloutSide:
         self.loader = PromptLoader(rows, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle,
                                    stratify_by=cfg.data.stratify_by)
         self.pending: list[ReadyBatch] = []
-        self.engine_weights: Optional[WeightsSnapshot] = None  # what the engines hold beyond the view on disk
         self.ahead: Optional[RolloutAhead] = None
         self.rewards = self.pool = None
         try:
+            exported = export_think_view(home_dir, Path(cfg.output_dir))  # meanwhile the reward pool starts
             self.rewards = RewardPool(cfg.reward)
             self.rewards.check(rows)  # unmapped sources and verifiers that cannot score a real row fail now
-            # a restarted worker reloads the engines' current version (never from the learners: they are the
-            # main thread's, and this side's thread restarts workers)
-            view = export_think_view(home_dir, Path(cfg.output_dir))
-            self.pool = RolloutPool(str(view), cfg.rollout, placement, weights_source=self._engine_tensors)
+            self.pool = RolloutPool(str(exported.wait()), cfg.rollout, placement)
         except BaseException:
             self.shutdown()
             raise
@@ -87,6 +85,10 @@ class RolloutSide:
         groups, _ = self._rollout_and_score(rows, self.cfg.rollout.n, LEARNABILITY_SEED, PhaseTimer())
         self.pool.reset_caches()  # the run then samples as if the check had not run
         return measure(groups)
+
+    def attach(self, sender: Any) -> None:
+        """The engines load every later version from `sender` (the learners' rank 0), a restarted one too."""
+        self.pool.attach(sender)
 
     def start(self, step: int, version: int, weights: Optional[WeightsSnapshot] = None,
               evaluate_first: bool = False) -> None:
@@ -132,19 +134,14 @@ class RolloutSide:
 
     # ------------------------------------------------------------------ the thread's work
 
-    def _engine_tensors(self) -> list:
-        return self.engine_weights.tensors if self.engine_weights else []
-
     def _push(self, snapshot: WeightsSnapshot) -> dict:
         """Load a version into the engines."""
         if self.cfg.rollout.sleep_during_updates:
             self.pool.wake_up()
-        if snapshot.tensors is None:  # a step without an update: the same weights under the next version
+        if not snapshot.changed:  # a step without an update: the same weights under the next version
             self.pool.version = snapshot.version
-            return {"tensors": 0, "bytes": 0, "seconds": 0.0, "version": snapshot.version}
-        report = self.pool.update_weights(snapshot.tensors, version=snapshot.version)
-        self.engine_weights = snapshot
-        return report
+            return {"tensors": 0, "bytes": 0, "buckets": 0, "seconds": 0.0, "version": snapshot.version}
+        return self.pool.sync(snapshot.version)
 
     def _rollout_and_score(self, rows: list[dict], n: int, seed: int,
                            timer: PhaseTimer) -> tuple[list[ScoredGroup], dict]:
@@ -193,11 +190,38 @@ class RolloutSide:
         return metrics
 
 
-def export_think_view(home_dir: Path, out: Path) -> Path:
-    """The think view of the starting checkpoint, for the rollout engines (made once per run)."""
-    from home_rl.model import HomeModel
+class ExportedView:
+    """The think view being written: `wait()` returns its folder once it is complete."""
+
+    def __init__(self, view: Path, pending: Any = None):
+        self.view, self.pending = view, pending
+
+    def wait(self) -> Path:
+        import ray
+
+        if self.pending is not None:
+            ray.get(self.pending)
+            self.pending = None
+        return self.view
+
+
+def export_think_view(home_dir: Path, out: Path) -> ExportedView:
+    """The think view of the starting checkpoint, for the rollout engines (made once per run), written by a Ray
+    worker process of its own while the caller goes on: the driver never loads the HOME model."""
+    import ray
+
+    from home_rl.console import actor_env
 
     view = out / "views" / THINK
-    if not (view / "config.json").is_file():  # in the checkpoint's own dtype: each engine casts to rollout.dtype
-        HomeModel.from_pretrained(home_dir).export_view(THINK, view)
-    return view
+    if (view / "config.json").is_file():  # in the checkpoint's own dtype: each engine casts to rollout.dtype
+        return ExportedView(view)
+    task = ray.remote(num_cpus=0, max_calls=1)(_write_view)  # max_calls: its process exits after it
+    return ExportedView(view, task.options(runtime_env={"env_vars": actor_env()}).remote(str(home_dir), str(view)))
+
+
+def _write_view(home_dir: str, view: str) -> None:
+    from home_rl.console import capture_output
+    from home_rl.model import HomeModel
+
+    capture_output("export-view")
+    HomeModel.from_pretrained(home_dir).export_view(THINK, view)
