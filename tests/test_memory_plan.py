@@ -259,7 +259,7 @@ def test_the_plan_places_actors_by_the_resource_checks_rule():
     shape = model_shape(HOME_7B, "think", ["think_ref=think"])
     loading = memory_plan.learner_parts(shape, cfg.learner, 3, 2, cfg.memory_run())["loading"]
     # learner rank 0 also keeps the think expert's versions for the engines, in host memory
-    staged = cfg.memory_run().staged_versions * shape.trainable * 2 / 2**30
+    staged = cfg.memory_run().staged_versions * shape.trainable * 2 / 2**30 + estimates.WEIGHT_SENDER_GIB
     node0 = 4 * (estimates.LEARNER_BASELINE_GIB + loading) + max(0.0, staged - loading) + 8 * estimates.REWARD_WORKER_GIB
     assert actor(plan, "host node 0").predicted_gib == pytest.approx(node0 + actor(plan, "driver").predicted_gib)
     node1 = 4 * (estimates.ROLLOUT_BASELINE_GIB + actor(plan, "rollout").parts["weights"])

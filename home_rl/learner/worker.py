@@ -296,9 +296,9 @@ class LearnerWorker:
         """Gather the served tensors (a decoder layer at a time, every rank) and keep them on rank 0 as `version`,
         for the rollout engines; `changed` False: the same tensors as version - 1 (a step without an update).
         Versions older than `keep_from` are dropped first, so they never share host memory with the new one."""
-        from home_rl.weights import WeightSender
+        if self.rank == 0:  # only rank 0 imports vLLM's weight-transfer API (a quarter of a GB)
+            from home_rl.weights import WeightSender
 
-        if self.rank == 0:
             self.sender = self.sender or WeightSender()
             if not changed:
                 self.sender.stage_unchanged(version, version - 1)

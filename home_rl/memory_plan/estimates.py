@@ -22,6 +22,9 @@ LEARNER_BASELINE_GIB = 0.52
 ROLLOUT_BASELINE_GIB = 0.85
 # The driver: Ray's client, the processor and the data rows. A tiny-model GRPO driver ran at 0.49 GB RSS and the
 # benchmark's driver (the same imports) at 0.65 GB; a real data set's rows add to it.
+# Learner rank 0 sends the weights through vLLM's weight-transfer API: importing it (vllm.config and what it pulls
+# in) added 247 MB to a learner process with torch, deepspeed, transformers and verl imported (measured).
+WEIGHT_SENDER_GIB = 0.25
 DRIVER_BASELINE_GIB = 0.8
 # A reward worker: Ray's worker, math-verify and its sandbox processes (small; not the memory that matters).
 REWARD_WORKER_GIB = 0.4

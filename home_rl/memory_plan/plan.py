@@ -10,8 +10,8 @@ from home_rl.cluster import first_fit
 from home_rl.errors import ConfigError
 from home_rl.memory_plan.advice import host_advice, learner_advice, length_problems
 from home_rl.memory_plan.estimates import (DRIVER_BASELINE_GIB, GPU_CONTEXT_GIB, LEARNER_BASELINE_GIB,
-                                           REWARD_WORKER_GIB, ROLLOUT_BASELINE_GIB, kv_bytes_per_token,
-                                           learner_parts, rollout_parts)
+                                           REWARD_WORKER_GIB, ROLLOUT_BASELINE_GIB, WEIGHT_SENDER_GIB,
+                                           kv_bytes_per_token, learner_parts, rollout_parts)
 from home_rl.memory_plan.nodes import GIB, USABLE, Cluster, current_cluster
 from home_rl.memory_plan.report import ActorPlan, MemoryPlan
 from home_rl.memory_plan.run import Run
@@ -98,8 +98,8 @@ def _learners(draft: _Draft, shape: ModelShape, run: Run, stage: int, colocated:
     b = 4 if run.dtype == "float32" or (run.dtype == "bfloat16" and not cluster.bf16 and not on_gpu) else 2
     parts = learner_parts(shape, learner, stage, b, run)
     loading = parts.pop("loading")
-    # rank 0 keeps the versions the engines load (the trainable tensors, in host memory)
-    staged = run.staged_versions * shape.trainable * b / GIB
+    # rank 0 keeps the versions the engines load (the trainable tensors, in host memory) and sends them
+    staged = run.staged_versions * shape.trainable * b / GIB + (WEIGHT_SENDER_GIB if run.staged_versions else 0.0)
     train = sum(parts.values())
     advice = learner_advice(learner, stage, on_gpu, parts)
     if on_gpu and gpus < learner.num_learners * learner.gpus_per_learner(gpus):
