@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from home_rl.trainer.rollout_ahead import RolloutAhead, WeightsSnapshot
+from home_rl.trainer.rollout_ahead import RolloutAhead, WeightsSnapshot, kept_versions_from, staged_versions
 
 
 class Engines:
@@ -116,3 +116,12 @@ def test_a_failed_rollout_is_raised_in_the_main_thread():
     engines = Engines(fail_at_step=1)
     with pytest.raises(RuntimeError, match="rollout of step 1 failed"):
         drive(1, steps=4, engines=engines)
+
+
+def test_learner_rank_0_keeps_the_versions_an_engine_may_still_hold():
+    """Synchronous: once version v is staged the engines wait for it, so nothing older is kept. With k > 0 the
+    thread may still generate with v - 1 - k (the last trained batch's version), which a restart would reload."""
+    assert kept_versions_from(5, 0) == 5 and staged_versions(0) == 1
+    assert kept_versions_from(5, 1) == 3 and staged_versions(1) == len(range(3, 6))
+    assert kept_versions_from(1, 2) == 0
+
