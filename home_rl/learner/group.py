@@ -60,7 +60,8 @@ class LearnerGroup:
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **actor_env()}
         if not options[0]["num_gpus"]:
             env["DS_ACCELERATOR"] = "cpu"
-        actor = ray.remote(concurrency_groups={"weights": 1})(LearnerWorker)  # rank 0 sends weights on a thread of its own
+        # rank 0 sends weights on a thread of its own ("weights"), beside the one that trains
+        actor = ray.remote(concurrency_groups={"weights": 1})(LearnerWorker)
         self.actors = [actor.options(**options[i], runtime_env={"env_vars": env})
                        .remote(i, self.world_size, to_dict(cfg), threads) for i in range(self.world_size)]
         addr, port = ray.get(self.actors[0].address.remote())

@@ -2,7 +2,7 @@
 
     worker = RolloutWorker(view_folder, cfg, rank=0)
     result = worker.generate(prompts, n=8)                # RolloutResult: samples per prompt, in input order
-    sender.connect([worker_actor]); sender.send(3)       # new weights through vLLM's weight-transfer API (home_rl.weights)
+    sender.connect([worker_actor]); sender.send(3)       # new weights: vLLM's weight-transfer API (home_rl.weights)
 
 The same code drives vLLM's CPU build (engine inside this process, CPU threads and KV-cache GiB
 from the config) and its CUDA build (tensor_parallel_size, gpu_memory_utilization); only the

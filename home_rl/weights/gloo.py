@@ -138,7 +138,8 @@ class GlooWeightTransferEngine(vn.WeightTransferEngine):
                 if missing:
                     raise ValueError(f"the update lacks {', '.join(missing[:6])}, fused with what it sends of that "
                                      "layer: a fused layer loads whole or not at all")
-                self.model.load_weights([(n, t.to(self.device)) for n, t in zip(names, split_bytes(buffer, kinds, shapes))])
+                tensors = split_bytes(buffer, kinds, shapes)
+                self.model.load_weights([(n, t.to(self.device)) for n, t in zip(names, tensors)])
                 self.received += names
             except Exception as e:  # noqa: BLE001  raised below, after the last bucket
                 error = e

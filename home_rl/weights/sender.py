@@ -116,6 +116,8 @@ class EngineClient:
 
 
 class WeightSender:
+    """The trainer's side of vLLM's weight-transfer API in the process that holds the weights (module docstring)."""
+
     def __init__(self):
         self.source = StagedWeights()
         self.engine = None
@@ -137,7 +139,8 @@ class WeightSender:
         if self.engine is not None:
             self.engine.shutdown()
         gloo.register()
-        self.source.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        on_gpu = backend == "nccl"  # vLLM's nccl backend broadcasts from this process's GPU
+        self.source.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self.client = EngineClient(engines, workers_per_engine)
         fields = dict(master_address=ray.util.get_node_ip_address(), master_port=free_port(),
                       world_size=1 + len(engines) * workers_per_engine, rank=0)
