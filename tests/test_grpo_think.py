@@ -109,13 +109,6 @@ def train_losing_the_engine(cfg: GRPOThinkConfig, at_step: int) -> list[dict]:
     return read_metrics(Path(cfg.output_dir))
 
 
-def assert_same_steps(out: Path, reference: SimpleNamespace, steps: range) -> None:
-    metrics = read_metrics(out)
-    for step in steps:
-        assert rollout_ids(out, step) == rollout_ids(reference.out, step), step
-        assert metrics[step - 1]["reward/mean"] == reference.metrics[step - 1]["reward/mean"], step
-
-
 # ----------------------------------------------------------------------------- one 3-step run, several tests
 
 
@@ -224,29 +217,25 @@ def test_the_fast_view_logits_are_bit_identical(run):
     assert torch.equal(a, b)
 
 
-def test_a_resumed_run_repeats_the_uninterrupted_steps_exactly(run, tmp_path):
+def test_a_resumed_run_that_loses_its_engine_repeats_the_uninterrupted_steps_exactly(run, tmp_path):
     # as if killed after the step-1 checkpoint: a copy of the run without what came later (the newest
-    # complete checkpoint would be step 2), resumed in place
+    # complete checkpoint would be step 2), resumed in place; its engine is SIGKILLed before step 3's batch, then
+    # restarted and filled with version 2 from learner rank 0
     out = tmp_path / "run"
     shutil.copytree(run.out, out)
     shutil.rmtree(out / "checkpoints" / "step_00000002")
     for name in ("metrics.jsonl", "eval.jsonl"):  # the kill cut a line in half
         with open(out / name, "a") as f:
             f.write('{"step": 3, "eval/accuracy": 0.')
-    train(tiny_config(run.home, out, steps=3, trainer__resume="auto", **RUN_SETTINGS))
-    resumed = read_metrics(out)
+    resumed = train_losing_the_engine(tiny_config(run.home, out, steps=3, trainer__resume="auto", **RUN_SETTINGS),
+                                      at_step=3)
     assert [m["step"] for m in resumed] == [1, 2, 3]  # continued after step 1, no duplicate lines
+    assert [m["rollout/worker_restarts"] for m in resumed] == [0, 0, 1]
     assert [json.loads(line)["step"] for line in (out / "eval.jsonl").read_text().splitlines()] == [0, 3]
     for step in (2, 3):  # same prompts, same samples: data order and weights restored
         assert rollout_ids(out, step) == rollout_ids(run.out, step), step
         for key in ("reward/mean", "response_length/mean"):
             assert resumed[step - 1][key] == pytest.approx(run.metrics[step - 1][key], abs=1e-6), (step, key)
-
-
-def test_an_engine_lost_mid_run_is_refilled_from_the_learners_and_the_run_goes_on_alike(run, tmp_path):
-    metrics = train_losing_the_engine(tiny_config(run.home, tmp_path / "run", steps=3, **RUN_SETTINGS), at_step=2)
-    assert [m["rollout/worker_restarts"] for m in metrics] == [0, 1, 0]
-    assert_same_steps(tmp_path / "run", run, range(2, 4))
 
 
 def test_synchronous_steps_train_on_fresh_rollouts_and_log_each_side_s_idle_time(run):
@@ -308,23 +297,16 @@ def test_asynchronous_steps_train_on_rollouts_one_version_old_weighed_by_tis(asy
     assert (async_run.out / "checkpoints" / "step_00000002" / "pending_rollouts.pkl").is_file()
 
 
-def test_an_engine_lost_mid_asynchronous_run_is_refilled_while_the_learners_train(async_run, tmp_path):
-    """Step 3's batch (version 1) is made while the learners train step 2: the engine is restarted and filled from
-    learner rank 0's copy of version 1, on rank 0's own thread."""
-    cfg = tiny_config(async_run.home, tmp_path / "run", steps=4, trainer__max_staleness=1, trainer__save_every=2)
-    metrics = train_losing_the_engine(cfg, at_step=3)
-    assert [m["rollout/worker_restarts"] for m in metrics] == [0, 0, 1, 0]
-    assert_same_steps(tmp_path / "run", async_run, range(3, 5))
-
-
 def test_an_asynchronous_run_resumed_with_rollouts_in_flight_repeats_the_uninterrupted_steps(async_run, tmp_path):
-    # as if killed right after the step-2 checkpoint, which holds step 3's rollouts (made by version 1)
+    """As if killed right after the step-2 checkpoint, which holds step 3's rollouts (made by version 1). Its engine
+    is SIGKILLed before step 4's batch (version 2), while the learners train step 3: it is restarted and filled from
+    learner rank 0, on rank 0's own thread."""
     out = tmp_path / "run"
     shutil.copytree(async_run.out, out)
-    train(tiny_config(async_run.home, out, steps=4, trainer__max_staleness=1, trainer__save_every=2,
-                      trainer__resume="auto"))
-    resumed = read_metrics(out)
+    resumed = train_losing_the_engine(tiny_config(async_run.home, out, steps=4, trainer__max_staleness=1,
+                                                  trainer__save_every=2, trainer__resume="auto"), at_step=4)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m["rollout/worker_restarts"] for m in resumed] == [0, 0, 0, 1]
     for step in (3, 4):
         assert rollout_ids(out, step) == rollout_ids(async_run.out, step), step
         for key in ("reward/mean", "response_length/mean", "async/staleness_max"):
