@@ -56,6 +56,19 @@ class Bundle:
     keys: str  # the config keys that decide these resources
 
 
+def rendezvous_address() -> tuple[str, int]:
+    """This node's address as the other nodes reach it, and a port free on it now: where a process group's rank 0
+    listens (the learners' torch.distributed group, the weight plane's group with the engines)."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
 def _merge(*parts: dict[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for part in parts:

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -85,10 +88,6 @@ def zero_std_share(groups: list[list[float]]) -> float:
 def train_losing_the_engine(cfg: GRPOThinkConfig, at_step: int) -> list[dict]:
     """Run `cfg`, SIGKILLing the rollout engine just before it makes step `at_step`'s batch (it is found dead by
     that call, restarted and filled from learner rank 0); the steps' metrics."""
-    import os
-    import signal
-    import time
-
     trainer = GRPOThinkTrainer(cfg)
     pool = trainer.rollout.pool
     generate, victim = pool.generate, pool.info[0]["pid"]

@@ -11,7 +11,6 @@ import collections
 import logging
 import os
 import re
-import socket
 import time
 from typing import Any, Optional
 
@@ -87,12 +86,9 @@ class LearnerWorker:
 
     def address(self) -> tuple[str, int]:
         """Rank 0's reachable address and a free port for the process group's rendezvous."""
-        import ray
+        from home_rl.cluster import rendezvous_address
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return rendezvous_address()
 
     def setup(self, master_addr: str, master_port: int, model_path: str, dtype: str, total_steps: int) -> dict:
         """Join the process group, load the model, freeze what does not train, start the DeepSpeed engine."""

@@ -45,6 +45,7 @@ class HomeModelActor:
         self.saved_dtype = self.home.base.dtype
         self.home.to(self.device, compute_dtype(self.saved_dtype, self.device.type))
         self.home.requires_grad_(False)
+        self.sender = None  # a home_rl.weights.WeightSender, once a view swap needs one
 
     def info(self) -> dict:
         cfg = self.home.home_config
@@ -67,14 +68,14 @@ class HomeModelActor:
         from home_rl.model import view_name
         from home_rl.weights import WeightSender
 
-        self.sender = getattr(self, "sender", None) or WeightSender()
+        self.sender = self.sender or WeightSender()
         self.sender.stage(version, [(view_name(n, expert), t.detach().to("cpu", self.saved_dtype, copy=True))
                                     for n, t in self.home.state_dict().items() if f".experts.{expert}." in n])
 
     def connect_engines(self, engines: list, workers_per_engine: int, backend: str) -> None:
         from home_rl.weights import WeightSender
 
-        self.sender = getattr(self, "sender", None) or WeightSender()
+        self.sender = self.sender or WeightSender()
         self.sender.connect(engines, workers_per_engine, backend)
 
     def send_weights(self, version: int) -> dict:

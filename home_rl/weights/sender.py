@@ -12,7 +12,6 @@ and `send` through an `ActorSender`, and a restarted engine is filled again from
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import Any, Iterable, Iterator, Optional, Protocol, Sequence
@@ -132,7 +131,7 @@ class WeightSender:
     def connect(self, engines: Sequence[Any], workers_per_engine: int = 1, backend: str = "gloo") -> None:
         """One group of this process (rank 0) and every engine's workers; a new group replaces the last. `backend`:
         gloo (tensors leave from host memory) or nccl (from this process's GPU)."""
-        import ray
+        from home_rl.cluster import rendezvous_address
 
         if backend not in BACKENDS:
             raise ValueError(f"rollout.weight_transfer={backend!r}: one of {', '.join(BACKENDS)}")
@@ -142,8 +141,9 @@ class WeightSender:
         on_gpu = backend == "nccl"  # vLLM's nccl backend broadcasts from this process's GPU
         self.source.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self.client = EngineClient(engines, workers_per_engine)
-        fields = dict(master_address=ray.util.get_node_ip_address(), master_port=free_port(),
-                      world_size=1 + len(engines) * workers_per_engine, rank=0)
+        address, port = rendezvous_address()
+        fields = dict(master_address=address, master_port=port, world_size=1 + len(engines) * workers_per_engine,
+                      rank=0)
         info = gloo.GlooTrainerInitInfo(**fields) if backend == "gloo" else vn.NCCLTrainerInitInfo(**fields)
         self.engine = vn.WeightTransferTrainerFactory.trainer_init(info, client=self.client, source=self.source)
 
@@ -184,9 +184,3 @@ class ActorSender:
         from home_rl.errors import ray_get
 
         return ray_get(self.actor.send_weights.remote(version))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
