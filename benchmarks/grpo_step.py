@@ -3,6 +3,7 @@
     python benchmarks/grpo_step.py                       # the embedded default, 4 steps (first one is warm-up)
     python benchmarks/grpo_step.py model.path=HOME_DIR trainer.total_steps=6
     python benchmarks/grpo_step.py trainer.total_steps=3 --compare learner.zero_stage=auto learner.zero_stage=3
+    python benchmarks/grpo_step.py trainer.total_steps=3 --compare model.think_expert=full model.think_expert=lora
 
 Prints one JSON object (with --compare: one per setting, run one after the other with the same seed, and
 each setting's update time over the first's). `overhead_share` is the part of a step spent outside rollout, reward
@@ -28,8 +29,9 @@ from home_rl.trainer.grpo_think import GRPOThinkConfig, GRPOThinkTrainer
 COMPUTE = ("timing/rollout_s", "timing/reward_s", "timing/old_log_prob_s", "timing/reference_s", "timing/update_s")
 
 
-def measured_steps(argv: list[str]) -> tuple[GRPOThinkConfig, list[dict]]:
-    """The run's config and the metrics of every step: no checkpoints, no resume."""
+def measured_steps(argv: list[str]) -> tuple[GRPOThinkConfig, list[dict], dict]:
+    """The run's config, the metrics of every step and the learners' figures (peak RSS per learner, trainable
+    parameters): no checkpoints, no resume."""
     cfg = load_config(GRPOThinkConfig, ["trainer.total_steps=4", "trainer.save_every=0", "trainer.resume=never",
                                         f"output_dir={tempfile.mkdtemp(prefix='grpo_bench_')}", *argv])
     trainer = GRPOThinkTrainer(cfg)
@@ -37,16 +39,18 @@ def measured_steps(argv: list[str]) -> tuple[GRPOThinkConfig, list[dict]]:
     try:
         while trainer.step < cfg.trainer.total_steps:
             steps.append(trainer.train_step())
+        learners = {"learner_peak_rss_gb": [round(g, 3) for g in trainer.learner.peak_rss_gb()],
+                    "trainable_params": trainer.learner.info[0]["trainable"]}
     finally:
         trainer.shutdown()
-    return cfg, steps
+    return cfg, steps, learners
 
 
 FIRST_STEP = ("reward/mean", "reward/std", "response_length/mean", "zero_std_frac")
 
 
 def main(argv: list[str]) -> dict:
-    cfg, steps = measured_steps(argv)
+    cfg, steps, learners = measured_steps(argv)
     measured = steps[1:] or steps  # the first step warms the engines up
     mean = {key: float(np.mean([m[key] for m in measured])) for key in (*COMPUTE, "timing/weight_sync_s", "timing/step_s")}
     compute = sum(mean[k] for k in COMPUTE)
@@ -65,6 +69,7 @@ def main(argv: list[str]) -> dict:
         "weight_push_s": round(float(np.mean([m.get("timing/weight_push_s", 0.0) for m in measured])), 3),
         # the driver process's peak so far (with --compare: over this run and the ones before it)
         "driver_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        **learners,
         # what a placement must not change: the first step's samples and rewards (the same seed)
         "first_step": {k: steps[0][k] for k in FIRST_STEP if k in steps[0]},
     }

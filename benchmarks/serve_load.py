@@ -10,6 +10,9 @@ router stage and the evaluation decode, to two servers (recipes/serve.py) in tur
   engine.cpu_threads_bind=split; on a GPU both engines share it);
 - think_only: `"expert": "think"` on a server whose engines are bound to all the cores: the think view alone
   on the whole machine, the fast engine idle (no router forward).
+A checkpoint whose think expert is a LoRA over fast is served by one engine (the fast view, think's adapter per
+request: `hybrid`), and also as two (`hybrid_two_engines`: engine.think_adapter=false, the adapter merged into a
+think view of its own, each engine on half the cores); think_only is then the merged think view alone.
 Each server gets a warm-up request to each expert first. Extra `key=value` arguments go to both servers.
 
 Prints one JSON object: per mode requests/s, p50 and p95 latency, thinking ratio (overall and per
@@ -31,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"hybrid": "auto", "think_only": "think"}
+MODES = {"hybrid": "auto", "hybrid_two_engines": "auto", "think_only": "think"}
 
 
 def start_server(checkpoint: str, out: Path, overrides: list[str]) -> tuple[subprocess.Popen, str]:
@@ -102,13 +105,19 @@ def main() -> dict:
                         help="prompts of the evaluation mix (320: all of them), each sent once a mode")
     parser.add_argument("--max-tokens", type=int, default=160, help="max_tokens of every request (the router stage's)")
     args, overrides = parser.parse_known_args()
+    from home_rl.model.lora_expert import has_lora_think
+
     whole_machine = ",".join(map(str, sorted(os.sched_getaffinity(0))))
-    servers = {"hybrid": overrides,  # each engine on its half of the cores (engine.cpu_threads_bind=split)
-               "think_only": [f"engine.cpu_threads_bind={whole_machine}", *overrides]}  # think on all, fast idle
+    lora = has_lora_think(args.checkpoint)
+    dense = ["engine.think_adapter=false"] if lora else []  # an engine per view (a LoRA think expert merged)
+    servers = {"hybrid": overrides,  # each engine on its half of the cores (engine.cpu_threads_bind=split); LoRA: one
+               "think_only": [f"engine.cpu_threads_bind={whole_machine}", *dense, *overrides]}  # think on all, fast idle
+    if lora:
+        servers["hybrid_two_engines"] = [*dense, *overrides]
     results = {}
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         rows = eval_prompts(args.prompts, Path(tmp) / "data")
-        for mode, expert in MODES.items():
+        for mode, expert in ((m, e) for m, e in MODES.items() if m in servers):
             proc, url = start_server(args.checkpoint, Path(tmp) / mode, servers[mode])
             try:
                 for warm in ("fast", "think"):  # each engine's first request is slow
@@ -117,13 +126,16 @@ def main() -> dict:
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=120)
-    hybrid, think = results["hybrid"], results["think_only"]
     return {"benchmark": "serve_load", "checkpoint": args.checkpoint, "clients": args.clients, "prompts": len(rows),
-            "max_tokens": args.max_tokens, "server_overrides": servers, "cpu_cores": len(os.sched_getaffinity(0)),
-            **results,
-            "hybrid_vs_think_only": {"requests_per_s": round(hybrid["requests_per_s"] / think["requests_per_s"], 3),
-                                     "p50": round(hybrid["p50_s"] / think["p50_s"], 3),
-                                     "mean_tokens": round(hybrid["mean_tokens"] / think["mean_tokens"], 3)}}
+            "max_tokens": args.max_tokens, "think_expert": "lora" if lora else "full", "server_overrides": servers,
+            "cpu_cores": len(os.sched_getaffinity(0)), **results,
+            **{f"hybrid_vs_{other}": ratios(results["hybrid"], results[other])
+               for other in ("think_only", "hybrid_two_engines") if other in results}}
+
+
+def ratios(a: dict, b: dict) -> dict:
+    return {"requests_per_s": round(a["requests_per_s"] / b["requests_per_s"], 3), "p50": round(a["p50_s"] / b["p50_s"], 3),
+            "mean_tokens": round(a["mean_tokens"] / b["mean_tokens"], 3)}
 
 
 if __name__ == "__main__":

@@ -28,11 +28,32 @@ T = TypeVar("T")
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    rank: int = 16  # LoRA rank of the think adapter
+    alpha: float = 32.0  # the adapter's output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input (0: learners and engines compute the same policy)
+    targets: str = "gate_proj,up_proj,down_proj"  # the MLP projections that get an adapter, comma-separated
+
+    def spec(self) -> Any:
+        """The adapter's home_rl.model.lora_expert.LoraSpec (a ModelError names a bad value)."""
+        from home_rl.model.lora_expert import LoraSpec
+
+        return LoraSpec(rank=self.rank, alpha=float(self.alpha), dropout=self.dropout,
+                        targets=tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+
+
+@dataclasses.dataclass
 class ModelConfig:
     path: str = "smollm2"  # dense or HOME checkpoint folder, or an embedded model's name (smollm2)
     dtype: str = "bfloat16"  # float32 | bfloat16 | float16: dtype of the weights in memory and on disk
+    think_expert: str = "full"  # a HOME model built here (upcycling, the embedded cold start): full (its own MLPs) | lora (an adapter over fast's MLPs, model.lora); a HOME checkpoint given decides itself
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # the think adapter when think_expert=lora
 
-    CHOICES: ClassVar[dict] = {"dtype": ("float32", "bfloat16", "float16")}
+    CHOICES: ClassVar[dict] = {"dtype": ("float32", "bfloat16", "float16"), "think_expert": ("full", "lora")}
+
+    def lora_spec(self) -> Any:
+        """The think adapter's LoraSpec when think_expert=lora, else None."""
+        return self.lora.spec() if self.think_expert == "lora" else None
 
 
 @dataclasses.dataclass

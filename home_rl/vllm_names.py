@@ -45,6 +45,7 @@ INTERNAL = {
     "VLLMValidationError": "vllm.exceptions",
     "AsyncLLM": "vllm.v1.engine.async_llm",
     "RequestOutputKind": "vllm.sampling_params",
+    "LoRARequest": "vllm.lora.request",  # the adapter a request is answered with (a LoRA think expert)
 }
 LAYERWISE_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"  # logs each layer a reload left alone
 

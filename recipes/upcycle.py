@@ -2,6 +2,7 @@
 
     python recipes/upcycle.py                                  # the embedded SmolLM2-135M-Instruct
     python recipes/upcycle.py model.path=DENSE_DIR output_dir=OUT router.layer=12
+    python recipes/upcycle.py model.think_expert=lora model.lora.rank=16   # think: a LoRA adapter over fast's MLPs
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class UpcycleConfig:
     model: DenseModelConfig = dataclasses.field(default_factory=DenseModelConfig)  # the dense model to upcycle
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)  # the new router's shape
     output_dir: str = "outputs/upcycle"  # where the HOME checkpoint is written
+    seed: int = 0  # seeds the new router's weights (and the think adapter's A matrices)
 
 
 def format_report(counts: dict[str, int]) -> str:
@@ -43,8 +45,12 @@ def main(cfg: UpcycleConfig) -> None:
     from home_rl.model.embedded import resolve_model_path
 
     dense_dir = resolve_model_path(cfg.model.path)
+    import torch
+
     dtype = "auto" if cfg.model.dtype == "auto" else DTYPES[cfg.model.dtype]
-    home = upcycle(dense_dir, dtype, cfg.router.layer, cfg.router.pooling, cfg.router.hidden_size)
+    torch.manual_seed(cfg.seed)
+    home = upcycle(dense_dir, dtype, cfg.router.layer, cfg.router.pooling, cfg.router.hidden_size,
+                   cfg.model.lora_spec())
     out = home.save_pretrained(cfg.output_dir)
     save_config(cfg, out)
     used = str(home.base.dtype).removeprefix("torch.")

@@ -263,6 +263,15 @@ def test_upcycle_recipe_keeps_the_dense_dtype_unless_told(tiny_model, tmp_path):
     assert "dtype: bfloat16 (model.dtype=bfloat16: the dense checkpoint's is float32)" in stdout
 
 
+def test_a_bfloat16_checkpoint_loads_every_expert_in_bfloat16(tiny_model, tmp_path):
+    # the experts added to the base were built in torch's default dtype: a bfloat16 run saved its think expert in float32
+    folder = upcycle(tiny_model("qwen2"), torch.bfloat16).save_pretrained(tmp_path / "home")
+    loaded = HomeModel.from_pretrained(folder, copies={"think_ref": THINK})
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert {t.dtype for t in load_file(loaded.save_pretrained(tmp_path / "again") / "model.safetensors").values()} == {
+        torch.bfloat16}
+
+
 @pytest.mark.slow
 def test_upcycle_recipe_default_is_the_embedded_smollm2(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "recipes/upcycle.py")], capture_output=True, text=True,

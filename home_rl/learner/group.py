@@ -169,6 +169,10 @@ class LearnerGroup:
 
         return ActorSender(self.actors[0])
 
+    def peak_rss_gb(self) -> list[float]:
+        """Each learner process's peak resident memory so far, GB (for benchmarks)."""
+        return self._run("peak_rss_gb")
+
     def save_checkpoint(self, folder: str) -> None:
         """Engine + optimiser + schedule state of every rank into `folder` (the caller makes it atomic)."""
         self._run("save_checkpoint", str(folder))

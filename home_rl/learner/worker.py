@@ -343,5 +343,10 @@ class LearnerWorker:
         return str(write_trained(state, self.model_path, self.module, self.is_home, out_dir, self.dtype,
                                  drop_experts=self.frozen_copies))
 
+    def peak_rss_gb(self) -> float:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
     def barrier(self) -> None:
         torch.distributed.barrier()

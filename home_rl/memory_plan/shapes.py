@@ -99,6 +99,7 @@ def _count(folder: Path, trainable: Any, frozen_copies: Sequence[str]) -> ModelS
     patterns = trainable_patterns(trainable)
     copies = tuple(f"*.experts.{name}.*" for name in frozen_copy_map(frozen_copies))
     counts = dict(params=0, trainable=0, frozen_copies=0, vision=0, view=0)
+    lora = is_home and model.home_config.get("think_lora") is not None
     for name, p in model.named_parameters():
         n = p.numel()
         counts["params"] += n
@@ -106,7 +107,9 @@ def _count(folder: Path, trainable: Any, frozen_copies: Sequence[str]) -> ModelS
         counts["frozen_copies"] += n if in_copy else 0
         counts["trainable"] += n if any(name_matches(name, q) for q in patterns) and not in_copy else 0
         counts["vision"] += n if ".visual." in f".{name}" else 0
-        counts["view"] += n if (not is_home or view_name(name, "think") is not None) else 0
+        # what an engine holds: the think view; with a LoRA think expert, the fast view and the adapter
+        in_view = view_name(name, "think") is not None or (lora and view_name(name, "fast") is not None)
+        counts["view"] += n if (not is_home or in_view) else 0
     largest = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
     text = text_config(config)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

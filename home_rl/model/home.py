@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Mapping, Optional, Sequence, Union
@@ -19,7 +18,6 @@ import torch
 import transformers
 import transformers.initialization as hf_init
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers.core_model_loading import revert_weight_conversion
 from torch import nn
 
@@ -27,14 +25,13 @@ from home_rl.errors import ModelError
 from home_rl.model.architectures import (Architecture, architecture_of, decoder_layers, model_class,
                                          read_config_json, text_config)
 from home_rl.experts import EXPERTS, FAST, THINK
+from home_rl.model import lora_expert
 from home_rl.model.hybrid_mlp import HybridMLP, Route
+from home_rl.model.lora_expert import ADAPTER_DIR, ADAPTER_WEIGHTS, LoraSpec
+from home_rl.model.model_folder import write_folder
 from home_rl.model.router import Router, pool
 
 HOME_KEY = "home"  # the section of config.json that makes a folder a HOME checkpoint
-WEIGHTS_NAME = "model.safetensors"
-SHARD_BYTES = 4 << 30  # safetensors shards of at most 4 GiB
-# Files of a model folder that are not weights or config: tokenizer, processor, chat template.
-_NOT_ASSETS = re.compile(r"(\.safetensors|\.bin|\.gguf|\.pt|^config\.json|\.index\.json)$")
 _EXPERT_IN_NAME = re.compile(r"\.mlp\.experts\.([^.]+)\.")
 
 
@@ -72,19 +69,22 @@ class HomeModel(nn.Module):
 
     @classmethod
     def upcycle(cls, dense: transformers.PreTrainedModel, router_layer: Optional[int] = None,
-                router_pooling: str = "mean", router_hidden_size: int = 256) -> "HomeModel":
-        """Turn a dense model (in place) into a HOME model: each decoder MLP becomes {fast, think} copies."""
+                router_pooling: str = "mean", router_hidden_size: int = 256,
+                think_lora: Optional[LoraSpec] = None) -> "HomeModel":
+        """Turn a dense model (in place) into a HOME model: each decoder MLP becomes {fast, think} copies, or
+        (`think_lora`) fast plus a think adapter over it (home_rl/model/lora_expert.py)."""
         arch = architecture_of(dense.config)
         layers = decoder_layers(dense, arch)
         for layer in layers:
-            layer.mlp = HybridMLP.upcycled(layer.mlp)
+            layer.mlp = HybridMLP.upcycled(layer.mlp, think_lora)
         if router_layer is None:
             router_layer = len(layers) // 2
         if not 0 <= router_layer < len(layers):
             raise ModelError(f"router.layer={router_layer} is outside the model's {len(layers)} decoder layers")
         return cls(dense, {"experts": list(EXPERTS), "router_layer": router_layer,
                            "router_pooling": router_pooling, "router_hidden_size": router_hidden_size,
-                           "base_architecture": arch.name})
+                           "base_architecture": arch.name,
+                           **({"think_lora": think_lora.as_dict()} if think_lora else {})})
 
     @classmethod
     def from_config(cls, config: transformers.PretrainedConfig, home_config: dict,
@@ -103,11 +103,12 @@ class HomeModel(nn.Module):
         if unknown:
             raise ValueError(f"copies of unknown expert(s) {unknown}; the checkpoint has {home_config['experts']}")
         names = list(home_config["experts"]) + [n for n in copies if n not in home_config["experts"]]
+        lora = LoraSpec.from_home_config(home_config)
         with hf_init.no_init_weights():  # every weight is overwritten by the checkpoint: skip random init
             base = model_class(arch)._from_config(config, dtype=dtype)
             base.tie_weights()  # skipped under no_init_weights; a tied LM head must share the embedding
             for layer in decoder_layers(base, arch):
-                layer.mlp = HybridMLP.shaped_like(layer.mlp, names)
+                layer.mlp = HybridMLP.shaped_like(layer.mlp, names, lora)
                 for name in copies:
                     layer.mlp.experts[name].requires_grad_(False)
             return cls(base, home_config)
@@ -138,12 +139,15 @@ class HomeModel(nn.Module):
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise ModelError(f"no *.safetensors weights in {folder}")
-        where, shapes = {}, {}
+        if (folder / ADAPTER_DIR / ADAPTER_WEIGHTS).is_file():
+            files.append(folder / ADAPTER_DIR / ADAPTER_WEIGHTS)
+        where, shapes, in_file = {}, {}, {}  # by model key: its file, shape and name in that file
         for f in files:
             with safe_open(f, framework="pt", backend="pread") as st:
                 for key in st.keys():
-                    where[key] = f
-                    shapes[key] = tuple(st.get_slice(key).get_shape())
+                    own_key = _adapter_home_key(key) if f.parent.name == ADAPTER_DIR else key
+                    where[own_key], in_file[own_key] = f, key
+                    shapes[own_key] = tuple(st.get_slice(key).get_shape())
         own = self.state_dict(keep_vars=True)  # the parameters themselves: a partitioned one is filled when gathered
         sources = {key: _copy_source(key, copies or {}) for key in self.checkpoint_keys()}
         missing = sorted(set(sources.values()) - set(where))
@@ -167,7 +171,7 @@ class HomeModel(nn.Module):
                         for key in group:
                             # A buffer is whole on every rank (ZeRO partitions parameters only): each reads its own.
                             if where[sources[key]] == f and (reads or not isinstance(own[key], nn.Parameter)):
-                                own[key].copy_(st.get_tensor(sources[key]))
+                                own[key].copy_(st.get_tensor(in_file[sources[key]]))
 
     # ------------------------------------------------------------------ forward
 
@@ -255,22 +259,34 @@ class HomeModel(nn.Module):
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write a HOME checkpoint folder, atomically (a temporary folder renamed at the end)."""
-        state = self.state_dict()
+        stored = set(self.checkpoint_keys())
+        state = {k: v for k, v in self.state_dict().items() if k in stored}
         config = self.base.config.to_dict()
         config[HOME_KEY] = {**self.home_config, "experts": self.expert_names}
-        return _write_folder(out_dir, config, {k: state[k] for k in self.checkpoint_keys()}, self.asset_dir,
-                             self.base.generation_config)
+        spec = LoraSpec.from_home_config(self.home_config)
+        adapter = {view_name(k, THINK): state.pop(k) for k in list(state) if f".experts.{THINK}." in k} if spec else {}
+
+        def write_adapter(folder: Path) -> None:  # the think adapter as a PEFT folder over the fast view
+            lora_expert.write_adapter(folder / ADAPTER_DIR, adapter, spec)
+
+        return write_folder(out_dir, config, state, self.asset_dir, self.base.generation_config,
+                            write_adapter if adapter else None)
 
     def view_state_dict(self, expert: str) -> dict[str, torch.Tensor]:
-        """The shared weights plus `expert`, under the dense model's names (tied copies once)."""
+        """The shared weights plus `expert`, under the dense model's names (tied copies once); a LoRA expert's
+        view is the fast view with its adapter merged in."""
         if expert not in self.expert_names:
             raise ValueError(f"unknown expert {expert!r}; this model has {self.expert_names}")
+        spec = LoraSpec.from_home_config(self.home_config)
         state = self.state_dict()
         out = {}
         for key in self.checkpoint_keys():
-            name = view_name(key, expert)
+            name = view_name(key, FAST if spec and expert != FAST else expert)
             if name is not None:
                 out[name] = state[key]
+        if spec and expert != FAST:
+            adapter = {view_name(k, expert): state[k] for k in self.checkpoint_keys() if f".experts.{expert}." in k}
+            out = lora_expert.merge_adapter(out, adapter, spec)
         return out
 
     def export_view(self, expert: str, out_dir: str | Path) -> Path:
@@ -280,7 +296,17 @@ class HomeModel(nn.Module):
         Qwen2.5-VL's `visual.*` and `model.layers.*`), which is what vLLM's loaders expect.
         """
         state = revert_weight_conversion(self.base, self.view_state_dict(expert))
-        return _write_folder(out_dir, self.base.config.to_dict(), state, self.asset_dir, self.base.generation_config)
+        return write_folder(out_dir, self.base.config.to_dict(), state, self.asset_dir, self.base.generation_config)
+
+    def export_adapter(self, out_dir: str | Path, expert: str = THINK) -> Path:
+        """Write a LoRA expert's adapter as a PEFT adapter folder over the fast view (what the checkpoint keeps in
+        think_adapter/), for PEFT and vLLM."""
+        spec = LoraSpec.from_home_config(self.home_config)
+        if spec is None or expert == FAST:
+            raise ModelError(f"expert {expert!r} of this HOME model has no adapter (home.think_lora: {spec})")
+        state = self.state_dict()
+        return lora_expert.write_adapter(Path(out_dir), {view_name(k, expert): state[k] for k in self.checkpoint_keys()
+                                                         if f".experts.{expert}." in k}, spec)
 
     # ------------------------------------------------------------------ reporting
 
@@ -301,7 +327,8 @@ class HomeModel(nn.Module):
                 counts[m.group(1)] += n
             else:
                 counts["shared"] += n
-        counts["active_per_query"] = counts["shared"] + counts[THINK]
+        # a LoRA think expert runs fast's projections too
+        counts["active_per_query"] = counts["shared"] + counts[THINK] + (counts[FAST] if "think_lora" in self.home_config else 0)
         return counts
 
 
@@ -320,6 +347,15 @@ def read_home_config(folder: Path) -> tuple[transformers.PretrainedConfig, dict]
     home_config = getattr(config, HOME_KEY)
     delattr(config, HOME_KEY)
     return config, home_config
+
+
+def _adapter_home_key(peft_key: str) -> str:
+    """The HOME name of a think-adapter tensor stored under PEFT's name (inverse of view_name + peft_name)."""
+    view_key = lora_expert.view_key_of_peft(peft_key)
+    head, sep, tail = view_key.partition(".mlp.")
+    if not sep:
+        raise ModelError(f"adapter tensor {peft_key!r} is not on an MLP projection")
+    return f"base.{head}.mlp.experts.{THINK}.{tail}"
 
 
 def _copy_source(key: str, copies: Mapping[str, str]) -> str:
@@ -354,47 +390,3 @@ def _load_groups(keys: list[str]) -> list[list[str]]:
 
 def _short_list(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f" … and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _write_folder(out_dir: str | Path, config: dict, state: dict[str, torch.Tensor],
-                  asset_dir: Optional[Path], generation_config=None) -> Path:
-    """Write config.json, safetensors shards and copied tokenizer/processor files; rename into place."""
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if asset_dir is not None:
-        for f in Path(asset_dir).iterdir():
-            if f.is_file() and not _NOT_ASSETS.search(f.name):
-                shutil.copy2(f, tmp / f.name)
-    if generation_config is not None:
-        generation_config.save_pretrained(tmp)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-    _save_shards({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
-def _save_shards(state: dict[str, torch.Tensor], folder: Path) -> None:
-    shards, current, size = [], {}, 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
-        size += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        save_file(shards[0], folder / WEIGHTS_NAME, metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -6,12 +6,13 @@ sequence (or one name for the whole batch). Each expert runs only on the rows ro
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from home_rl.experts import FAST, THINK
+from home_rl.model.lora_expert import LoraExpert, LoraSpec
 
 # A route: one expert name for every row, or a LongTensor [batch] of indices into HybridMLP.names.
 Route = Union[str, torch.Tensor]
@@ -27,19 +28,32 @@ class HybridMLP(nn.Module):
         self.call_every_expert = False
 
     @classmethod
-    def upcycled(cls, dense_mlp: nn.Module) -> "HybridMLP":
-        """Both experts start as exact copies of the dense MLP (upcycling)."""
-        return cls({FAST: dense_mlp, THINK: copy.deepcopy(dense_mlp)})
+    def upcycled(cls, dense_mlp: nn.Module, lora: Optional[LoraSpec] = None) -> "HybridMLP":
+        """Both experts start as the dense MLP (upcycling): think a copy of it, or (`lora`) the dense MLP
+        itself plus an adapter that adds nothing yet."""
+        if lora is None:
+            return cls({FAST: dense_mlp, THINK: copy.deepcopy(dense_mlp)})
+        think = LoraExpert(dense_mlp, lora)
+        think.reset_parameters()
+        return cls({FAST: dense_mlp, THINK: think})
 
     @classmethod
-    def shaped_like(cls, mlp: nn.Module, names: Sequence[str]) -> "HybridMLP":
-        """Experts `names` for weights loaded afterwards: `mlp` itself is the first, the others are new
-        modules of its class. New modules, not copies: under deepspeed.zero.Init each is partitioned as
-        it is built, whereas a deep copy of a partitioned module is no ZeRO module (its parameters are
-        empty placeholders that claim the original's ZeRO identity)."""
+    def shaped_like(cls, mlp: nn.Module, names: Sequence[str], lora: Optional[LoraSpec] = None) -> "HybridMLP":
+        """Experts `names` for weights loaded afterwards: `mlp` itself is the first (fast), the others are
+        new modules of its class, or (`lora`) adapters over it. New modules, not copies: under
+        deepspeed.zero.Init each is partitioned as it is built, whereas a deep copy of a partitioned module
+        is no ZeRO module (its parameters are empty placeholders that claim the original's ZeRO identity)."""
+        if lora is not None:
+            return cls({name: mlp if i == 0 else LoraExpert(mlp, lora) for i, name in enumerate(names)})
         if not hasattr(mlp, "config"):
             raise TypeError(f"{type(mlp).__name__} keeps no config to build more experts of its shape from")
-        return cls({name: mlp if i == 0 else type(mlp)(mlp.config) for i, name in enumerate(names)})
+        # In `mlp`'s dtype: built in torch's default (float32), a bfloat16 model's think expert was saved in float32.
+        dtype, default = next(mlp.parameters()).dtype, torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return cls({name: mlp if i == 0 else type(mlp)(mlp.config) for i, name in enumerate(names)})
+        finally:
+            torch.set_default_dtype(default)
 
     @property
     def names(self) -> list[str]:

@@ -25,6 +25,7 @@ import torch
 
 from home_rl.console import actor_env, phase_done
 from home_rl.errors import HomeRLError, ray_get
+from home_rl.rollout.adapter import ADAPTER_BACKEND
 from home_rl.rollout.config import RolloutConfig, check_rollout_config
 from home_rl.rollout.inputs import as_vllm_prompt
 from home_rl.rollout.types import RolloutResult, Sample
@@ -71,12 +72,15 @@ def worker_seed(seed: int, rank: int) -> int:
 
 
 class RolloutPool:
-    def __init__(self, model_path: str, cfg: RolloutConfig, placement: Any = None):
+    def __init__(self, model_path: str, cfg: RolloutConfig, placement: Any = None, adapter: Optional[str] = None):
         """`placement`: the job's home_rl.cluster.Placement holding the workers' bundles (None: each worker
-        asks for rollout.resources wherever Ray finds them)."""
+        asks for rollout.resources wherever Ray finds them). `adapter`: a PEFT adapter folder over `model_path`
+        (a LoRA think expert over the fast view) that every request is answered with; new versions of it come
+        as tensors (home_rl.weights' `adapter` backend)."""
         check_rollout_config(cfg)
         start = time.perf_counter()
-        self.cfg, self.model_path = cfg, str(model_path)
+        self.cfg, self.model_path, self.adapter = cfg, str(model_path), adapter
+        self.backend = ADAPTER_BACKEND if adapter else cfg.transfer_backend
         self.placement = placement
         self.sender: Any = None  # a home_rl.weights Sender, once attached
         self.version = 0
@@ -91,7 +95,7 @@ class RolloutPool:
         options = self.placement.rollout_options(rank) if self.placement else self.cfg.resources.actor_options()
         actor = ray.remote(RolloutWorker).options(**options,
                                                    runtime_env={"env_vars": {**engine_env(self.cfg), **actor_env()}})
-        return actor.remote(self.model_path, self.cfg, rank)
+        return actor.remote(self.model_path, self.cfg, rank, self.adapter)
 
     def _restart(self, rank: int, error: BaseException, refill: bool = True) -> None:
         """Replace dead worker `rank`: a new actor in the same bundle, at the pool's weights version (`refill`
@@ -110,7 +114,7 @@ class RolloutPool:
         self.workers[rank] = self._start(rank)
         info = ray_get(self.workers[rank].ready.remote())
         if self.sender is not None:  # every engine joins a new group with the sender; the new one gets the weights
-            self.sender.connect(self.workers, self.cfg.tensor_parallel_size, self.cfg.transfer_backend)
+            self.sender.connect(self.workers, self.cfg.tensor_parallel_size, self.backend)
             if self.version and refill:
                 self.sender.send(self.version)
         self.info[rank] = info
@@ -178,7 +182,7 @@ class RolloutPool:
     def attach(self, sender: Any) -> None:
         """Connect every engine to `sender` (a home_rl.weights Sender): later versions come from it directly."""
         self.sender = sender
-        sender.connect(self.workers, self.cfg.tensor_parallel_size, self.cfg.transfer_backend)
+        sender.connect(self.workers, self.cfg.tensor_parallel_size, self.backend)
 
     def sync(self, version: int) -> dict:
         """Every engine loads the sender's staged `version` (the changed tensors of the served view). If a worker

@@ -21,6 +21,7 @@ import torch
 from home_rl.console import capture_output
 from home_rl.errors import ModelError
 from home_rl.resources import bf16_supported
+from home_rl.rollout.adapter import EngineAdapter
 from home_rl.rollout.config import RolloutConfig, check_rollout_config
 from home_rl.rollout.inputs import RolloutInputError, describe, prepare_prompt
 from home_rl.rollout.types import RolloutResult, Sample
@@ -46,7 +47,7 @@ def engine_env(cfg: RolloutConfig) -> dict[str, str]:
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, cfg: RolloutConfig, rank: int = 0):
+    def __init__(self, model_path: str, cfg: RolloutConfig, rank: int = 0, adapter: Optional[str] = None):
         capture_output(f"rollout-{rank}")  # first: vLLM's output goes to the run's logs/ (a no-op in-process)
         check_rollout_config(cfg)
         cfg.resources.pin()  # before the engine starts its threads
@@ -63,6 +64,8 @@ class RolloutWorker:
         gloo.register()  # the CPU backend of vLLM's weight-transfer API, in this process (an in-process engine's)
 
         self.cfg, self.rank, self.model_path = cfg, rank, str(model_path)
+        # A LoRA think expert: the engine holds the fast view and answers every request with the adapter.
+        self.adapter = EngineAdapter(adapter, rank) if adapter else None
         # vLLM's sleep mode needs its CUDA memory allocator; the CPU build has nothing to free
         self.can_sleep = cfg.sleep_during_updates and vn.current_platform.is_sleep_mode_available()
         self.version = 0
@@ -86,6 +89,7 @@ class RolloutWorker:
             limit_mm_per_prompt={"image": cfg.limit_images_per_prompt} if multimodal else None,
             enable_sleep_mode=self.can_sleep,
             weight_transfer_config=vn.WeightTransferConfig(backend=cfg.transfer_backend),
+            **(self.adapter.engine_args() if self.adapter else {}),
         )
         self.asleep = False
         self.updating = False  # a weight update round is open (start_weight_update without its finish)
@@ -151,7 +155,8 @@ class RolloutWorker:
                 if p.engine_input is None:
                     continue
                 try:
-                    (request_id,) = self.llm.enqueue([p.engine_input], params, use_tqdm=False)
+                    (request_id,) = self.llm.enqueue([p.engine_input], params, use_tqdm=False,
+                                                     lora_request=self.adapter.request if self.adapter else None)
                 except VLLMValidationError as e:  # e.g. images made the prompt longer than the context
                     if policy != "skip":
                         raise RolloutInputError(f"{describe(p.index, p.row_id)}: {e}") from None
@@ -229,6 +234,16 @@ class RolloutWorker:
         self._reset_caches()
         self.version = int(version)
 
+    def load_adapter(self, tensors: dict[str, torch.Tensor], version: int) -> None:
+        """New adapter tensors (by the view's names) as weights `version`: loaded in place of the last ones."""
+        if self.adapter is None:
+            raise ModelError(f"rollout worker {self.rank} serves no adapter: its weights come through "
+                             "init/start/update/finish_weight_update")
+        self.wake_up()
+        self.llm.llm_engine.add_lora(self.adapter.write(tensors, version))
+        self._reset_caches()  # the prefix cache keys on the adapter's id, which stays the same
+        self.version = int(version)
+
     def reset_caches(self) -> None:
         """Forget the prompts computed so far, as a fresh engine: later samples do not depend on what ran before
         (a prompt prefix found in the cache is computed another way, and can round differently)."""
@@ -256,6 +271,8 @@ class RolloutWorker:
             self._reset_caches()
 
     def shutdown(self) -> None:
+        if self.adapter is not None:
+            self.adapter.cleanup()
         llm, self.llm = self.llm, None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()

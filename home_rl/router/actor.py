@@ -64,13 +64,14 @@ class HomeModelActor:
 
     def stage_expert(self, version: int, expert: str) -> None:
         """`expert`'s MLP tensors under the view's (dense model's) names, as weights `version` for the engines that
-        serve a view (a view swap sends only what differs between the views)."""
-        from home_rl.model import view_name
+        serve a view (a view swap sends only what differs between the views; a LoRA expert's merged in)."""
+        from home_rl.model import FAST, view_name
         from home_rl.weights import WeightSender
 
         self.sender = self.sender or WeightSender()
-        self.sender.stage(version, [(view_name(n, expert), t.detach().to("cpu", self.saved_dtype, copy=True))
-                                    for n, t in self.home.state_dict().items() if f".experts.{expert}." in n])
+        mlp = [view_name(n, FAST) for n in self.home.checkpoint_keys() if f".experts.{FAST}." in n]
+        view = self.home.view_state_dict(expert)
+        self.sender.stage(version, [(n, view[n].detach().to("cpu", self.saved_dtype, copy=True)) for n in mlp])
 
     def connect_engines(self, engines: list, workers_per_engine: int, backend: str) -> None:
         from home_rl.weights import WeightSender

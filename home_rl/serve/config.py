@@ -29,6 +29,7 @@ class EngineConfig:
     limit_images_per_prompt: int = 4  # most images one request may carry
     cpu_threads_bind: str = "split"  # CPU build, VLLM_CPU_OMP_THREADS_BIND of the engines: split (think on the upper half of this process's cores, fast on the lower half: never one core for both) | auto (vLLM's choice: the same cores for both) | a core list for both ("0-3")
     seed: int = 0  # engine seed (a request's own seed is honoured on CUDA; the CPU build cannot seed per request)
+    think_adapter: bool = True  # a LoRA think expert: one engine serves both experts (the fast view, think's adapter per request); false: an engine per view, the adapter merged into the think view
 
     CHOICES: ClassVar[dict] = {"dtype": ("float32", "bfloat16", "float16")}
 

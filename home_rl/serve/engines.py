@@ -1,12 +1,15 @@
-"""One vLLM engine per expert view, with continuous batching (vLLM's AsyncLLM), and the views it serves.
+"""vLLM engines with continuous batching (vLLM's AsyncLLM) over the expert views, and the views they serve.
 
 A view is a plain dense checkpoint of the base architecture (the shared weights plus one expert), so
-stock vLLM serves it with no custom code. Both views are exported from the HOME checkpoint once,
-into output_dir/views/, and exported again only when the checkpoint changes.
+stock vLLM serves it with no custom code: one engine per view. A HOME model whose think expert is a
+LoRA over fast is served by one engine: the fast view, and think's adapter on the requests routed to
+think (vLLM batches requests with and without it together), so neither expert waits behind an engine
+of its own and the router's choice costs nothing. The views are exported from the HOME checkpoint
+once, into output_dir/views/, and exported again only when the checkpoint changes.
 
-    views = export_views(checkpoint, out / "views")          # {"think": folder, "fast": folder}
-    engine = ViewEngine(views["think"], "think", cfg.engine)
-    async for delta in engine.generate(job): ...              # GenerationDelta: new text per sample
+    views = export_views(checkpoint, out / "views")          # ServedViews: a folder per expert (+ think's adapter)
+    engines = start_engines(views, cfg.engine)                # {"think": engine, "fast": engine}
+    async for delta in engines["think"].generate(job): ...    # GenerationDelta: new text per sample
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
-from home_rl.experts import EXPERTS, THINK
+from home_rl.experts import EXPERTS, FAST, THINK
 from home_rl.serve.config import EngineConfig
 from home_rl.serve.protocol import Sampling
 
@@ -48,24 +51,57 @@ class GenerationDelta:
     samples: list[SampleDelta]
 
 
-def export_views(checkpoint: str | Path, out_dir: str | Path, home: Any = None) -> dict[str, Path]:
-    """Both experts' views of `checkpoint` under out_dir/<expert>/, unless the ones there came from this very
-    checkpoint (same files, sizes and times). `home`: the HomeModel already loaded from it."""
+HYBRID = "hybrid"  # the name of an engine that serves both experts
+
+
+@dataclasses.dataclass
+class ServedViews:
+    folders: dict[str, Path]  # the dense view each expert's engine loads (with `adapter`: the fast view for both)
+    adapter: Optional[Path] = None  # think's LoRA adapter over the fast view: one engine serves both experts
+
+
+def export_views(checkpoint: str | Path, out_dir: str | Path, home: Any = None, adapter: bool = True) -> ServedViews:
+    """Both experts' views of `checkpoint` under out_dir/<expert>/ (a LoRA think expert with `adapter`: the fast view
+    and think's adapter), unless the ones there came from this very checkpoint (same files, sizes and times, and the
+    same `adapter`). `home`: the HomeModel already loaded from it."""
+    from home_rl.model.lora_expert import ADAPTER_DIR, has_lora_think
+
     out_dir = Path(out_dir)
-    stamp = _checkpoint_stamp(Path(checkpoint))
+    lora = adapter and has_lora_think(checkpoint)
+    stamp = {**_checkpoint_stamp(Path(checkpoint)), "adapter": lora}
     stamp_file = out_dir / "source.json"
-    views = {expert: out_dir / expert for expert in EXPERTS}
+    exported = [FAST] if lora else list(EXPERTS)
+    views = ServedViews({expert: out_dir / (FAST if lora else expert) for expert in EXPERTS},
+                        out_dir / ADAPTER_DIR if lora else None)
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and \
-            all((v / "config.json").is_file() for v in views.values()):
+            all((out_dir / e / "config.json").is_file() for e in exported):
         return views
     from home_rl.model import HomeModel
 
     home = home if home is not None else HomeModel.from_pretrained(checkpoint)
     shutil.rmtree(out_dir, ignore_errors=True)
-    for expert, folder in views.items():
-        home.export_view(expert, folder)
+    for expert in exported:
+        home.export_view(expert, out_dir / expert)
+    if lora:
+        home.export_adapter(views.adapter)
     stamp_file.write_text(json.dumps(stamp))
     return views
+
+
+def start_engines(views: ServedViews, cfg: EngineConfig) -> dict[str, Any]:
+    """The engine each expert's requests go to: one per view, or one for both (`views.adapter`)."""
+    engines: dict[str, Any] = {}
+    try:
+        if views.adapter is not None:
+            both = ViewEngine(views.folders[FAST], HYBRID, cfg, adapter=views.adapter)
+            return {expert: ExpertLane(both, expert) for expert in EXPERTS}
+        for expert in EXPERTS:
+            engines[expert] = ViewEngine(views.folders[expert], expert, cfg)
+        return engines
+    except BaseException:
+        for engine in engines.values():
+            engine.shutdown()
+        raise
 
 
 def _checkpoint_stamp(folder: Path) -> dict:
@@ -81,19 +117,24 @@ def engine_cores(setting: str, expert: str) -> str:
     if setting != "split":
         return setting
     cores = sorted(os.sched_getaffinity(0))
+    if expert == HYBRID:  # the only engine
+        return ",".join(map(str, cores))
     half = len(cores) // 2
     mine = cores if half == 0 else (cores[half:] if expert == THINK else cores[:half])
     return ",".join(map(str, mine))
 
 
 class ViewEngine:
-    """vLLM's AsyncLLM over one view: requests from many clients are batched continuously by the engine."""
+    """vLLM's AsyncLLM over one view: requests from many clients are batched continuously by the engine. With
+    `adapter` (think's LoRA over the fast view `view_dir`) it answers think's requests with the adapter."""
 
-    def __init__(self, view_dir: str | Path, expert: str, cfg: EngineConfig):
+    def __init__(self, view_dir: str | Path, expert: str, cfg: EngineConfig, adapter: Optional[Path] = None):
         import transformers
         from vllm import AsyncEngineArgs
 
         from home_rl import vllm_names as vn
+        from home_rl.model.lora_expert import read_adapter_config
+        from home_rl.rollout.adapter import LORA_ID, max_lora_rank
         from home_rl.rollout.worker import engine_dtype, placeholder_bias
 
         self.expert, self.cfg = expert, cfg
@@ -109,7 +150,10 @@ class ViewEngine:
             kv_cache_memory_bytes=int(cfg.kv_cache_gib * 2**30) if cfg.kv_cache_gib > 0 else None,
             gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
             limit_mm_per_prompt={"image": cfg.limit_images_per_prompt} if multimodal else None,
-            disable_log_stats=True)
+            disable_log_stats=True,
+            **({"enable_lora": True, "max_loras": 1, "max_lora_rank": max_lora_rank(read_adapter_config(adapter)["r"])}
+               if adapter else {}))
+        self.lora = {THINK: vn.LoRARequest(THINK, LORA_ID, str(adapter))} if adapter else {}
         self.engine = vn.AsyncLLM.from_engine_args(args)
         self.bias = placeholder_bias(hf_config) if multimodal else {}
 
@@ -125,9 +169,11 @@ class ViewEngine:
                               seed=s.seed if self.can_seed else None, logit_bias=self.bias or None,
                               output_kind=RequestOutputKind.DELTA)
 
-    async def generate(self, job: GenerationJob) -> AsyncIterator[GenerationDelta]:
-        """Deltas as the engine steps; closing the iterator (a client gone) aborts the request in the engine."""
-        async for out in self.engine.generate(job.prompt, self.sampling_params(job), job.request_id):
+    async def generate(self, job: GenerationJob, expert: Optional[str] = None) -> AsyncIterator[GenerationDelta]:
+        """Deltas as the engine steps; closing the iterator (a client gone) aborts the request in the engine.
+        `expert`: whose answer, where the engine serves both (think's adapter on, or off)."""
+        async for out in self.engine.generate(job.prompt, self.sampling_params(job), job.request_id,
+                                              lora_request=self.lora.get(expert)):
             samples = [SampleDelta(c.index, c.text, len(c.token_ids), c.finish_reason) for c in out.outputs]
             yield GenerationDelta(len(out.prompt_token_ids or ()), samples)
 
@@ -135,3 +181,17 @@ class ViewEngine:
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.shutdown()
+
+
+class ExpertLane:
+    """One expert's way into an engine that serves both: what the server holds as that expert's engine."""
+
+    def __init__(self, engine: ViewEngine, expert: str):
+        self.engine, self.expert = engine, expert
+
+    async def generate(self, job: GenerationJob) -> AsyncIterator[GenerationDelta]:
+        async for delta in self.engine.generate(job, self.expert):
+            yield delta
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()  # the engine's own shutdown runs once

@@ -41,26 +41,27 @@ def serve(cfg: ServeConfig) -> None:
 
     from home_rl.model import HomeModel
     from home_rl.serve.app import HybridServer, build_app
-    from home_rl.serve.engines import ViewEngine, export_views
+    from home_rl.serve.engines import export_views, start_engines
     from home_rl.serve.metrics import ServeMetrics
     from home_rl.serve.router import PromptRouter, router_device
 
     start = time.perf_counter()
     home = HomeModel.from_pretrained(checkpoint)  # both views and the router come from it
-    views = export_views(checkpoint, out / "views", home)
+    views = export_views(checkpoint, out / "views", home, adapter=cfg.engine.think_adapter)
     router = PromptRouter(home, cfg.router.batch_size, router_device(cfg.router.device))
     del home
-    console.phase_done("views", f"think and fast views in {out / 'views'}, router on {router.device}", start)
+    what = "the fast view and think's adapter" if views.adapter else "think and fast views"
+    console.phase_done("views", f"{what} in {out / 'views'}, router on {router.device}", start)
     engines: dict = {}
     sock = None
     try:
         start = time.perf_counter()
         _quiet_vllm_logging()
         with console.output_to("engines"):  # the engine processes write their output there for good
-            for expert in EXPERTS:
-                engines[expert] = ViewEngine(views[expert], expert, cfg.engine)
+            engines = start_engines(views, cfg.engine)
         _quiet_vllm_logging()  # again: an engine's start configures vLLM's logging anew
-        console.phase_done("engines", f"{len(engines)} vLLM engines ready", start)
+        console.phase_done("engines", "one vLLM engine (the fast view, think's adapter per request) ready"
+                           if views.adapter else f"{len(engines)} vLLM engines ready", start)
         server = HybridServer(cfg, load_processor(checkpoint), router, engines,
                               ServeMetrics(out / "requests.jsonl", cfg.log_every_s))
         sock = _bind(cfg.host, cfg.port)
@@ -89,16 +90,17 @@ def _serve_on_ray(cfg: ServeConfig, checkpoint: Path, out: Path) -> None:
     from home_rl.trainer.startup import ensure_ray
 
     start = time.perf_counter()
-    views = export_views(checkpoint, out / "views")
-    console.phase_done("views", f"think and fast views in {out / 'views'}", start)
+    views = export_views(checkpoint, out / "views", adapter=cfg.engine.think_adapter)
+    console.phase_done("views", f"{'the fast view and think adapter' if views.adapter else 'think and fast views'} "
+                                f"in {out / 'views'}", start)
     r = cfg.ray
     ensure_ray(r.ingress.cpus * r.ingress_replicas + 2 * r.view.cpus * r.max_replicas)
     start = time.perf_counter()
     env = {"TOKENIZERS_PARALLELISM": "false", **console.actor_env()}
     try:
         url = run_on_ray(cfg, str(checkpoint), views, env)
-        console.phase_done("ray serve", f"application {r.app_name!r}: ingress and {len(EXPERTS)} view deployments",
-                           start)
+        deployments = "one view deployment for both experts" if views.adapter else f"{len(EXPERTS)} view deployments"
+        console.phase_done("ray serve", f"application {r.app_name!r}: ingress and {deployments}", start)
         _announce(out, url)
         log.info("serving %r on %s through Ray Serve (Ctrl-C stops)", cfg.served_model_name, url)
         threading.Event().wait()  # until SIGINT / SIGTERM (run_recipe turns SIGTERM into SystemExit)

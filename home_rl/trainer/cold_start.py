@@ -24,7 +24,7 @@ import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from home_rl.experts import FAST, THINK
 from home_rl.model.embedded import cache_dir
@@ -109,11 +109,14 @@ def train_rows() -> list[dict]:
     return rows
 
 
-def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
-    """The cached cold-start HOME checkpoint of embedded model `name`, built first if it is not there.
+def ensure_cold_start(name: str = "smollm2", force: bool = False, lora: Optional[Any] = None) -> Path:
+    """The cached cold-start HOME checkpoint of embedded model `name`, built first if it is not there; with `lora`
+    (a LoraSpec), its LoRA twin (`lora_cold_start`).
 
     A build killed midway resumes from its last SFT checkpoint on the next call.
     """
+    if lora is not None:
+        return lora_cold_start(ensure_cold_start(name, force), lora)
     from home_rl.console import phase_done
     from home_rl.model import DTYPES, upcycle
     from home_rl.trainer.sft import run_sft
@@ -143,6 +146,33 @@ def ensure_cold_start(name: str = "smollm2", force: bool = False) -> Path:
     stamp.write_text(json.dumps({"recipe": recipe, "sft_s": round(sft_s, 1),
                                  "total_s": round(time.perf_counter() - start, 1)}))
     phase_done("cold start", f"built {out}", checked)
+    return out
+
+
+def lora_cold_start(full: Path, lora: Any) -> Path:
+    """The cold start with a LoRA think expert: the same SFT'd model upcycled with a think adapter at zero (after
+    the cold start think = fast either way), cached beside it per adapter shape; the router's initial weights
+    are the full cold start's."""
+    import torch
+
+    from home_rl.model import HomeModel, upcycle
+
+    shape = f"r{lora.rank}-a{lora.alpha:g}-d{lora.dropout:g}-{'+'.join(lora.targets)}"
+    out = full.with_name(f"{full.name}-lora-{shape}")
+    made_from = out / "made_from.json"  # the full cold start it was made from: rebuilt with it
+    stamp = json.dumps({"full": str(full), "built": full.with_name(full.name + ".json").read_text()})
+    if made_from.is_file() and made_from.read_text() == stamp:
+        return out
+    full_home = HomeModel.from_pretrained(full)
+    dense = out.with_name(out.name + ".dense")
+    full_home.export_view(FAST, dense)
+    torch.manual_seed(TRAIN_SEED)  # the adapter's A matrices
+    home = upcycle(dense, "auto", full_home.home_config["router_layer"], full_home.home_config["router_pooling"],
+                   full_home.home_config["router_hidden_size"], lora)
+    home.router.load_state_dict(full_home.router.state_dict())
+    home.save_pretrained(out)  # renamed into place: a half-written one is never used
+    made_from.write_text(stamp)
+    shutil.rmtree(dense)
     return out
 
 

@@ -53,6 +53,9 @@ def _rollout_defaults() -> RolloutConfig:
     return RolloutConfig(n=4, max_response_tokens=160, temperature=1.3)
 
 
+LORA_LR_FACTOR = 10  # model.think_expert=lora without a learner.lr given: 10x the full expert's default
+
+
 def _learner_defaults() -> LearnerConfig:
     return LearnerConfig(num_learners=2, trainable=THINK, lr=3e-5, micro_batch_size=8)
 
@@ -116,6 +119,9 @@ class GRPOThinkConfig:
     def resolve(self, given: frozenset[str] = frozenset()) -> "GRPOThinkConfig":
         """Fill in the settings derived from others (idempotent: a saved config.yaml resolves to itself);
         `given`: the keys the user set (home_rl.config.resolved)."""
+        if self.model.think_expert == "lora" and "learner.lr" not in given and self.learner.lr == _learner_defaults().lr:
+            # LoRA's best learning rate is about 10x full fine-tuning's (Schulman et al. 2025, "LoRA Without Regret")
+            self.learner.lr = LORA_LR_FACTOR * self.learner.lr
         if self.train_shared and self.learner.trainable == THINK:
             self.learner.trainable = "think,shared"  # the shared weights are in the think view: they sync too
         if self.cluster.mode == "colocated":

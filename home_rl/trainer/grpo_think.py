@@ -35,9 +35,10 @@ import numpy as np
 
 from data_pipelines import find_splits, load_dataset
 from home_rl.config import resolved
-from home_rl.errors import HomeRLError
+from home_rl.errors import ConfigError, HomeRLError
 from home_rl.experts import REFERENCE, THINK
 from home_rl.grpo import GRPOConfig, GRPOLoss, group_advantages
+from home_rl.model.lora_expert import has_lora_think
 from home_rl.rollout.agreement import PREFIX as AGREEMENT, agreement_metrics
 from home_rl.tracking import PhaseTimer, truncate_jsonl
 from home_rl.trainer.checkpoint import restore_rng, rng_state
@@ -65,7 +66,11 @@ class GRPOThinkTrainer:
         if cfg.train_shared:
             log.warning("train_shared=true: shared weights train too, so the fast expert's outputs drift")
         make_synthetic_data(cfg)
-        self.home_dir = resolve_home_checkpoint(cfg.model.path, "model.path", "recipes/upcycle.py")
+        self.home_dir = resolve_home_checkpoint(cfg.model.path, "model.path", "recipes/upcycle.py",
+                                                lora=cfg.model.lora_spec())
+        if cfg.train_shared and has_lora_think(self.home_dir):
+            raise ConfigError(f"train_shared=true with {self.home_dir}, whose think expert is a LoRA adapter over fast: "
+                              "the shared weights are fast's too, and the engines receive the adapter alone")
         cpus = (cfg.learner.num_learners * cfg.learner.resources.cpus + cfg.rollout.num_workers
                 * cfg.rollout.resources.cpus + cfg.reward.num_workers * cfg.reward.resources.cpus + 1)
         self.placement = self.rollout = self.learner = None

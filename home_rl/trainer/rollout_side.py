@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from data_pipelines import PromptLoader, render_prompt
-from home_rl.experts import THINK
+from home_rl.experts import FAST, THINK
 from home_rl.tracking import PhaseTimer
 from home_rl.trainer.groups import ScoredGroup, StepRollouts, length_metrics, reward_metrics
 from home_rl.trainer.rollout_ahead import ReadyBatch, RolloutAhead, WeightsSnapshot
@@ -64,7 +64,7 @@ class RolloutSide:
             exported = export_think_view(home_dir, Path(cfg.output_dir))  # meanwhile the reward pool starts
             self.rewards = RewardPool(cfg.reward)
             self.rewards.check(rows)  # unmapped sources and verifiers that cannot score a real row fail now
-            self.pool = RolloutPool(str(exported.wait()), cfg.rollout, placement)
+            self.pool = RolloutPool(str(exported.wait()), cfg.rollout, placement, adapter=exported.adapter)
         except BaseException:
             self.shutdown()
             raise
@@ -191,10 +191,11 @@ class RolloutSide:
 
 
 class ExportedView:
-    """The think view being written: `wait()` returns its folder once it is complete."""
+    """The think view being written: `wait()` returns its folder once it is complete. A LoRA think expert's view
+    is the fast view plus `adapter` (the checkpoint's PEFT adapter folder), which the engines apply themselves."""
 
-    def __init__(self, view: Path, pending: Any = None):
-        self.view, self.pending = view, pending
+    def __init__(self, view: Path, pending: Any = None, adapter: Optional[str] = None):
+        self.view, self.pending, self.adapter = view, pending, adapter
 
     def wait(self) -> Path:
         import ray
@@ -212,16 +213,22 @@ def export_think_view(home_dir: Path, out: Path) -> ExportedView:
 
     from home_rl.console import actor_env
 
-    view = out / "views" / THINK
+    from home_rl.model.lora_expert import ADAPTER_DIR, has_lora_think
+
+    lora = has_lora_think(home_dir)
+    expert = FAST if lora else THINK
+    adapter = str(home_dir / ADAPTER_DIR) if lora else None
+    view = out / "views" / expert
     if (view / "config.json").is_file():  # in the checkpoint's own dtype: each engine casts to rollout.dtype
-        return ExportedView(view)
+        return ExportedView(view, adapter=adapter)
     task = ray.remote(num_cpus=0, max_calls=1)(_write_view)  # max_calls: its process exits after it
-    return ExportedView(view, task.options(runtime_env={"env_vars": actor_env()}).remote(str(home_dir), str(view)))
+    return ExportedView(view, task.options(runtime_env={"env_vars": actor_env()}).remote(str(home_dir), str(view),
+                                                                                       expert), adapter)
 
 
-def _write_view(home_dir: str, view: str) -> None:
+def _write_view(home_dir: str, view: str, expert: str) -> None:
     from home_rl.console import capture_output
     from home_rl.model import HomeModel
 
     capture_output("export-view")
-    HomeModel.from_pretrained(home_dir).export_view(THINK, view)
+    HomeModel.from_pretrained(home_dir).export_view(expert, view)

@@ -128,16 +128,18 @@ def job_placement(cluster: ClusterConfig, learner: Optional[LearnerConfig] = Non
     return Placement(cluster, learner=tuple(learners), rollout=tuple(workers), others=tuple(rest))
 
 
-def resolve_home_checkpoint(path: str, key: str = "model.path", make_it: str = "") -> Path:
+def resolve_home_checkpoint(path: str, key: str = "model.path", make_it: str = "", lora: Any = None) -> Path:
     """The HOME checkpoint named by config key `key`: a folder, or an embedded model's name (its cold start,
-    built when missing). A missing folder says what to run (`make_it`); a dense folder says how to upcycle it."""
+    built when missing; `lora`, a LoraSpec: with a LoRA think expert). A missing folder says what to run
+    (`make_it`); a dense folder says how to upcycle it; a full think expert where `lora` asks for one is an error."""
     from home_rl.model import is_home_checkpoint
     from home_rl.model.embedded import EMBEDDED
+    from home_rl.model.lora_expert import has_lora_think
 
     if path in EMBEDDED:
         from home_rl.trainer.cold_start import ensure_cold_start
 
-        return Path(ensure_cold_start(path))
+        return Path(ensure_cold_start(path, lora=lora))
     folder = Path(path)
     if not (folder / "config.json").is_file():
         run = f"run {make_it} first, or give {key}=HOME_DIR" if make_it else f"give {key}=HOME_DIR"
@@ -145,6 +147,10 @@ def resolve_home_checkpoint(path: str, key: str = "model.path", make_it: str = "
     if not is_home_checkpoint(folder):
         raise ConfigError(f"{key}={path} is a dense checkpoint: this recipe needs a HOME checkpoint "
                           f"(make one with recipes/upcycle.py model.path={path})")
+    if lora is not None and not has_lora_think(folder):
+        raise ConfigError(f"model.think_expert=lora, but the think expert of {key}={path} is a full one: upcycle a "
+                          "dense model with recipes/upcycle.py model.think_expert=lora, or leave model.think_expert "
+                          "at full (a checkpoint given decides itself)")
     return folder
 
 

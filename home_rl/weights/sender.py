@@ -6,6 +6,10 @@ straight to every rollout engine through vLLM's weight-transfer API.
     sender.connect(engines, 1, "gloo")            # RolloutWorker actors, workers per engine, backend (nccl on GPUs)
     report = sender.send(3)                       # {"tensors", "bytes", "buckets", "seconds", "version"}
 
+A pool that serves a LoRA think expert connects with the `adapter` backend: a version is the adapter's tensors
+(megabytes), put in Ray's object store once and loaded by each engine in place of the last
+(home_rl/rollout/adapter.py); vLLM's weight-transfer API moves model weights, not adapters.
+
 A learner's rank 0 holds one (GRPO: `LearnerGroup.weight_sender()`), the HomeModelActor another (a view swap in
 the router stage and evaluation), a test a third. The driver never holds weights: a `RolloutPool` calls `connect`
 and `send` through an `ActorSender`, and a restarted engine is filled again from the sender's last sent version.
@@ -121,6 +125,7 @@ class WeightSender:
         self.source = StagedWeights()
         self.engine = None
         self.client: Optional[EngineClient] = None
+        self.adapter_engines: Optional[list] = None  # RolloutWorker actors serving an adapter (the `adapter` backend)
 
     def stage(self, version: int, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.source.stage(version, named_tensors)
@@ -132,11 +137,15 @@ class WeightSender:
         """One group of this process (rank 0) and every engine's workers; a new group replaces the last. `backend`:
         gloo (tensors leave from host memory) or nccl (from this process's GPU)."""
         from home_rl.cluster import rendezvous_address
+        from home_rl.rollout.adapter import ADAPTER_BACKEND
 
-        if backend not in BACKENDS:
+        if backend not in (*BACKENDS, ADAPTER_BACKEND):
             raise ValueError(f"rollout.weight_transfer={backend!r}: one of {', '.join(BACKENDS)}")
-        if self.engine is not None:
-            self.engine.shutdown()
+        self.shutdown()
+        if backend == ADAPTER_BACKEND:
+            self.adapter_engines = list(engines)
+            return
+        self.adapter_engines = None
         gloo.register()
         on_gpu = backend == "nccl"  # vLLM's nccl backend broadcasts from this process's GPU
         self.source.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
@@ -149,18 +158,28 @@ class WeightSender:
 
     def send(self, version: int) -> dict:
         """Send staged `version` to every connected engine; they adopt it as their weights version."""
-        if self.engine is None:
+        if self.engine is None and self.adapter_engines is None:
             raise RuntimeError("WeightSender.send before connect")
         start = time.perf_counter()
         self.source.select(version)
-        self.client.version = version
         buckets = self.source.buckets()
-        if buckets:  # none: the view on disk, which the engines hold
+        if self.adapter_engines is not None:
+            self._send_adapter(version, {name: t for bucket in buckets for name, t in bucket})
+        elif buckets:  # none: the view on disk, which the engines hold
+            self.client.version = version
             self.engine.send_weights()
         self.source.drop_before(version)
         return {"version": version, "tensors": sum(map(len, buckets)), "buckets": len(buckets),
                 "bytes": sum(t.numel() * t.element_size() for b in buckets for _, t in b),
                 "seconds": time.perf_counter() - start}
+
+    def _send_adapter(self, version: int, tensors: dict[str, torch.Tensor]) -> None:
+        import ray
+
+        if not tensors:  # the adapter on disk, which the engines were started with
+            return
+        shared = ray.put(tensors)  # one copy in the object store, whatever the number of engines
+        ray.get([engine.load_adapter.remote(shared, version) for engine in self.adapter_engines])
 
     def shutdown(self) -> None:
         if self.engine is not None:
