@@ -10,9 +10,10 @@ router stage and the evaluation decode, to two servers (recipes/serve.py) in tur
   engine.cpu_threads_bind=split; on a GPU both engines share it);
 - think_only: `"expert": "think"` on a server whose engines are bound to all the cores: the think view alone
   on the whole machine, the fast engine idle (no router forward).
-A checkpoint whose think expert is a LoRA over fast is served by one engine (the fast view, think's adapter per
-request: `hybrid`), and also as two (`hybrid_two_engines`: engine.think_adapter=false, the adapter merged into a
-think view of its own, each engine on half the cores); think_only is then the merged think view alone.
+A checkpoint whose think expert is a LoRA over fast is served by one engine (`hybrid_one_engine`:
+engine.lora_engine=adapter, the fast view with think's adapter per request) and by two (`hybrid`:
+engine.lora_engine=merged, the adapter merged into a think view of its own, each engine on half the cores);
+think_only is then the merged think view alone.
 Each server gets a warm-up request to each expert first. Extra `key=value` arguments go to both servers.
 
 Prints one JSON object: per mode requests/s, p50 and p95 latency, thinking ratio (overall and per
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"hybrid": "auto", "hybrid_two_engines": "auto", "think_only": "think"}
+MODES = {"hybrid": "auto", "hybrid_one_engine": "auto", "think_only": "think"}
 
 
 def start_server(checkpoint: str, out: Path, overrides: list[str]) -> tuple[subprocess.Popen, str]:
@@ -109,11 +110,11 @@ def main() -> dict:
 
     whole_machine = ",".join(map(str, sorted(os.sched_getaffinity(0))))
     lora = has_lora_think(args.checkpoint)
-    dense = ["engine.think_adapter=false"] if lora else []  # an engine per view (a LoRA think expert merged)
-    servers = {"hybrid": overrides,  # each engine on its half of the cores (engine.cpu_threads_bind=split); LoRA: one
+    dense = ["engine.lora_engine=merged"] if lora else []  # an engine per view (a LoRA think expert merged)
+    servers = {"hybrid": [*dense, *overrides],  # each engine on its half of the cores (engine.cpu_threads_bind=split)
                "think_only": [f"engine.cpu_threads_bind={whole_machine}", *dense, *overrides]}  # think on all, fast idle
     if lora:
-        servers["hybrid_two_engines"] = [*dense, *overrides]
+        servers["hybrid_one_engine"] = ["engine.lora_engine=adapter", *overrides]
     results = {}
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         rows = eval_prompts(args.prompts, Path(tmp) / "data")
@@ -130,7 +131,8 @@ def main() -> dict:
             "max_tokens": args.max_tokens, "think_expert": "lora" if lora else "full", "server_overrides": servers,
             "cpu_cores": len(os.sched_getaffinity(0)), **results,
             **{f"hybrid_vs_{other}": ratios(results["hybrid"], results[other])
-               for other in ("think_only", "hybrid_two_engines") if other in results}}
+               for other in ("think_only",) if other in results},
+            **({"hybrid_one_engine_vs_hybrid": ratios(results["hybrid_one_engine"], results["hybrid"])} if lora else {})}
 
 
 def ratios(a: dict, b: dict) -> dict:

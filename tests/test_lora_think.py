@@ -145,7 +145,7 @@ def test_grpo_trains_only_the_adapter_under_zero3_sends_it_alone_and_resumes_exa
     home = tiny_home("qwen2", think_lora=SPEC)
     out = tmp_path / "run"
     cfg = tiny_config(home, out, steps=3, learner__lr=5e-3, eval__rows=0)
-    cfg.learner.num_learners, cfg.learner.zero_stage = 2, 3
+    cfg.learner.num_learners, cfg.learner.zero_stage, cfg.rollout.lora_engine = 2, 3, "adapter"
     final = Path(train(cfg))
     metrics = read_metrics(out)
 
@@ -166,7 +166,7 @@ def test_grpo_trains_only_the_adapter_under_zero3_sends_it_alone_and_resumes_exa
     shutil.rmtree(resumed / "checkpoints" / "step_00000002")
     shutil.rmtree(resumed / "checkpoints" / "step_00000003", ignore_errors=True)
     again = tiny_config(home, resumed, steps=3, learner__lr=5e-3, eval__rows=0, trainer__resume="auto")
-    again.learner.num_learners, again.learner.zero_stage = 2, 3
+    again.learner.num_learners, again.learner.zero_stage, again.rollout.lora_engine = 2, 3, "adapter"
     train(again)
     for step in (2, 3):
         assert rollout_ids(resumed, step) == rollout_ids(out, step), step
@@ -213,7 +213,7 @@ def test_one_engine_serves_both_experts_as_the_evaluation_answered_and_routed(lo
     assert any(s["responses_think"] != s["responses_fast"] for s in samples.values())
     port = free_port()
     cmd = [sys.executable, str(REPO / "recipes" / "serve.py"), f"checkpoint={lora_stage['final']}", f"port={port}",
-           f"output_dir={tmp_path}", f"image_dir={lora_stage['eval'] / 'data'}", *ENGINE]
+           f"output_dir={tmp_path}", f"image_dir={lora_stage['eval'] / 'data'}", "engine.lora_engine=adapter", *ENGINE]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         while not (tmp_path / "server.json").is_file():
@@ -236,6 +236,24 @@ def test_one_engine_serves_both_experts_as_the_evaluation_answered_and_routed(lo
         proc.send_signal(signal.SIGTERM)
         console = proc.communicate(timeout=120)[0]
     assert "one vLLM engine" in console, console
+
+
+def test_on_cpu_the_engines_hold_the_merged_think_view_and_receive_merged_projections(tiny_home, ray_local, tmp_path):
+    """rollout.lora_engine=auto on CPU: the merged view (vLLM's CPU LoRA path is slower); the learners merge the
+    adapter into the projections they send, and the engines sample what the learners compute."""
+    home = tiny_home("qwen2", think_lora=SPEC)
+    out = tmp_path / "run"
+    cfg = tiny_config(home, out, steps=2, learner__lr=5e-3, eval__rows=0, trainer__save_every=0)
+    final = Path(train(cfg))
+    metrics = read_metrics(out)
+    assert load_config(GRPOThinkConfig, ["--config", str(out / "config.yaml")]).rollout.lora_engine == "merged"
+    layers = json.loads((home / "config.json").read_text())["num_hidden_layers"]
+    assert metrics[1]["weight_sync/tensors"] == 3 * layers  # gate, up and down projections, merged
+    assert (out / "views" / THINK / "config.json").is_file() and not (out / "views" / FAST).exists()
+    for m in metrics:
+        assert m["rollout/logprob_diff_mean"] <= 1e-3 and m["rollout/logprob_pearson"] >= 0.999, m
+    before, after = load_file(home / "model.safetensors"), load_file(final / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_stage_sft_of_a_lora_home_trains_the_adapter_and_the_router_alone(ray_local, tiny_home, tmp_path):

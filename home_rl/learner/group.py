@@ -157,11 +157,12 @@ class LearnerGroup:
             yield from self._run("gather", names, view)[0]
 
     def stage_weights(self, version: int, view: Optional[str] = None, only_trainable: bool = False,
-                      changed: bool = True, keep_from: int = 0) -> None:
+                      changed: bool = True, keep_from: int = 0, merge_adapter: bool = False) -> None:
         """Version `version` of the served tensors (`view`, `only_trainable` as in iter_weights) kept on rank 0 for
         the rollout engines, which load it through `weight_sender()`; `changed` False: version - 1's tensors.
-        Older versions than `keep_from` are dropped (none that an engine may still need to be refilled with)."""
-        self._run("stage_weights", version, view, only_trainable, changed, keep_from)
+        Older versions than `keep_from` are dropped (none that an engine may still need to be refilled with).
+        `merge_adapter`: a LoRA expert's projections merged (for engines holding its merged view), not the adapter."""
+        self._run("stage_weights", version, view, only_trainable, changed, keep_from, merge_adapter)
 
     def weight_sender(self) -> Any:
         """The home_rl.weights Sender for a RolloutPool: rank 0 sends its staged versions to the engines."""

@@ -287,8 +287,21 @@ class LearnerWorker:
                 return []
             return [(self._view_name(n, view), p.detach().to("cpu", copy=True)) for n, p in zip(names, chosen)]
 
+    def merged_adapter(self, names: list[str], view: str) -> list[tuple[str, torch.Tensor]]:
+        """The projections a layer's adapter tensors `names` adapt, with the adapter merged, under `view`'s names, on
+        rank 0 (empty on others): the fast expert's weights and the adapter are gathered, then merged in float32."""
+        from home_rl.model import FAST
+        from home_rl.model.lora_expert import LoraSpec, merge_adapter
+
+        base = sorted({n.replace(f".experts.{view}.", f".experts.{FAST}.").split(".lora_")[0] + ".weight"
+                       for n in names})
+        fast, adapter = self.gather(base, FAST), self.gather(names, view)
+        if self.rank != 0:
+            return []
+        return list(merge_adapter(dict(fast), dict(adapter), LoraSpec.from_home_config(self.module.home_config)).items())
+
     def stage_weights(self, version: int, view: Optional[str], only_trainable: bool, changed: bool = True,
-                      keep_from: int = 0) -> None:
+                      keep_from: int = 0, merge_adapter: bool = False) -> None:
         """Gather the served tensors (a decoder layer at a time, every rank) and keep them on rank 0 as `version`,
         for the rollout engines; `changed` False: the same tensors as version - 1 (a step without an update).
         Versions older than `keep_from` are dropped first, so they never share host memory with the new one."""
@@ -300,7 +313,8 @@ class LearnerWorker:
                 self.sender.stage_unchanged(version, version - 1)
             self.sender.source.drop_before(keep_from)
         if changed:
-            pairs = [pair for names in self.weight_chunks(view, only_trainable) for pair in self.gather(names, view)]
+            gather = self.merged_adapter if merge_adapter else self.gather
+            pairs = [pair for names in self.weight_chunks(view, only_trainable) for pair in gather(names, view)]
             if self.rank == 0:
                 self.sender.stage(version, pairs)
 

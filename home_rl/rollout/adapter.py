@@ -30,6 +30,8 @@ def max_lora_rank(rank: int) -> int:
 
 
 class EngineAdapter:
+    """A rollout engine's think adapter: the request every generation carries, and the folders its versions are in."""
+
     def __init__(self, folder: str, worker_rank: int):
         self.initial = Path(folder)
         self.lora_rank = int(read_adapter_config(self.initial)["r"])

@@ -43,6 +43,7 @@ class RolloutConfig:
     in_process_engine: bool = True  # run the engine inside the actor (VLLM_ENABLE_V1_MULTIPROCESSING=0); false: vLLM's own engine process (needed for tensor_parallel_size > 1)
     limit_images_per_prompt: int = 4  # most images one prompt may carry (vLLM sizes its multimodal buffers by it)
     weight_transfer: str = "auto"  # backend of vLLM's weight-transfer API that brings new weights to the engines: gloo (host memory, any engine) | nccl (GPU to GPU) | auto: nccl where workers have GPUs of their own, else gloo
+    lora_engine: str = "auto"  # how the engines run a LoRA think expert: adapter (the fast view, the adapter on every request; the adapter's tensors sync) | merged (the merged think view; its projections sync) | auto: adapter where workers have GPUs, merged on CPUs (vLLM's CPU LoRA path generated 5.5x slower than the merged view: benchmarks/lora_engine.py)
     resources: Resources = resources_field()  # what each worker actor asks Ray for (gpus: tensor_parallel_size on GPU clusters; threads 0: the machine's cores / num_workers)
     sleep_during_updates: bool = False  # CUDA build: offload the engine's weights and drop its KV cache while learners update (set by cluster.mode=colocated)
     max_restarts: int = 3  # a worker that dies is restarted and its share re-issued, at most this many times per call
@@ -52,6 +53,7 @@ class RolloutConfig:
         "dtype": ("float32", "bfloat16", "float16"),
         "logprobs_mode": ("raw_logprobs", "processed_logprobs"),
         "weight_transfer": ("auto", "gloo", "nccl"),
+        "lora_engine": ("auto", "adapter", "merged"),
     }
 
     @property
@@ -66,6 +68,12 @@ class RolloutConfig:
         if self.weight_transfer != "auto":
             return self.weight_transfer
         return "nccl" if self.resources.gpus > 0 and not self.sleep_during_updates else "gloo"
+
+
+    @property
+    def serves_adapter(self) -> bool:
+        """`lora_engine` with auto decided: a LoRA think expert runs as an adapter in the engines where they have GPUs."""
+        return self.lora_engine == "adapter" or (self.lora_engine == "auto" and self.resources.gpus > 0)
 
 
 def check_rollout_config(cfg: RolloutConfig) -> None:

@@ -29,9 +29,15 @@ class EngineConfig:
     limit_images_per_prompt: int = 4  # most images one request may carry
     cpu_threads_bind: str = "split"  # CPU build, VLLM_CPU_OMP_THREADS_BIND of the engines: split (think on the upper half of this process's cores, fast on the lower half: never one core for both) | auto (vLLM's choice: the same cores for both) | a core list for both ("0-3")
     seed: int = 0  # engine seed (a request's own seed is honoured on CUDA; the CPU build cannot seed per request)
-    think_adapter: bool = True  # a LoRA think expert: one engine serves both experts (the fast view, think's adapter per request); false: an engine per view, the adapter merged into the think view
+    lora_engine: str = "auto"  # a LoRA think expert: adapter (one engine serves both experts: the fast view, think's adapter per request) | merged (an engine per view, the adapter merged into the think view) | auto: adapter on GPUs, merged on CPUs (vLLM's CPU LoRA path generated 5.5x slower than the merged view: benchmarks/lora_engine.py)
 
-    CHOICES: ClassVar[dict] = {"dtype": ("float32", "bfloat16", "float16")}
+    CHOICES: ClassVar[dict] = {"dtype": ("float32", "bfloat16", "float16"), "lora_engine": ("auto", "adapter", "merged")}
+
+    def serves_adapter(self) -> bool:
+        """`lora_engine` with auto decided (on the machine the engines run on): whether one engine serves both experts."""
+        from home_rl import vllm_names as vn
+
+        return self.lora_engine == "adapter" or (self.lora_engine == "auto" and not vn.is_cpu())
 
     def __post_init__(self):
         for key in ("max_model_len", "max_tokens", "max_num_seqs", "tensor_parallel_size", "limit_images_per_prompt"):

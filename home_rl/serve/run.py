@@ -47,7 +47,7 @@ def serve(cfg: ServeConfig) -> None:
 
     start = time.perf_counter()
     home = HomeModel.from_pretrained(checkpoint)  # both views and the router come from it
-    views = export_views(checkpoint, out / "views", home, adapter=cfg.engine.think_adapter)
+    views = export_views(checkpoint, out / "views", home, adapter=cfg.engine.serves_adapter())
     router = PromptRouter(home, cfg.router.batch_size, router_device(cfg.router.device))
     del home
     what = "the fast view and think's adapter" if views.adapter else "think and fast views"
@@ -90,7 +90,7 @@ def _serve_on_ray(cfg: ServeConfig, checkpoint: Path, out: Path) -> None:
     from home_rl.trainer.startup import ensure_ray
 
     start = time.perf_counter()
-    views = export_views(checkpoint, out / "views", adapter=cfg.engine.think_adapter)
+    views = export_views(checkpoint, out / "views", adapter=cfg.engine.serves_adapter())
     console.phase_done("views", f"{'the fast view and think adapter' if views.adapter else 'think and fast views'} "
                                 f"in {out / 'views'}", start)
     r = cfg.ray

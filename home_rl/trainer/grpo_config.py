@@ -127,6 +127,7 @@ class GRPOThinkConfig:
         if self.cluster.mode == "colocated":
             self.rollout.sleep_during_updates = True  # the learner sharing the GPU gets the engine's memory
         self.rollout.weight_transfer = self.rollout.transfer_backend  # auto decided, so config.yaml says which
+        self.rollout.lora_engine = "adapter" if self.rollout.serves_adapter else "merged"
         if self.algorithm.kl_coef > 0 and not any(c.startswith(REFERENCE + "=") for c in self.learner.frozen_copies):
             self.learner.frozen_copies = [*self.learner.frozen_copies, f"{REFERENCE}={THINK}"]
         if self.trainer.max_staleness > 0 and self.cluster.mode == "colocated":

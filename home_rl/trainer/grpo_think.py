@@ -68,7 +68,8 @@ class GRPOThinkTrainer:
         make_synthetic_data(cfg)
         self.home_dir = resolve_home_checkpoint(cfg.model.path, "model.path", "recipes/upcycle.py",
                                                 lora=cfg.model.lora_spec())
-        if cfg.train_shared and has_lora_think(self.home_dir):
+        self.lora = has_lora_think(self.home_dir)  # a LoRA think expert: the engines get its adapter, or it merged
+        if cfg.train_shared and self.lora:
             raise ConfigError(f"train_shared=true with {self.home_dir}, whose think expert is a LoRA adapter over fast: "
                               "the shared weights are fast's too, and the engines receive the adapter alone")
         cpus = (cfg.learner.num_learners * cfg.learner.resources.cpus + cfg.rollout.num_workers
@@ -108,7 +109,8 @@ class GRPOThinkTrainer:
         """What the rollout engines need beyond the view on disk, as version self.step: the learners' trainable
         think tensors, staged on their rank 0 (`changed` False: the last version's, a step without an update)."""
         self.learner.stage_weights(self.step, view=THINK, only_trainable=True, changed=changed,
-                                   keep_from=kept_versions_from(self.step, self.cfg.trainer.max_staleness))
+                                   keep_from=kept_versions_from(self.step, self.cfg.trainer.max_staleness),
+                                   merge_adapter=self.lora and not self.cfg.rollout.serves_adapter)
         return WeightsSnapshot(self.step, changed)
 
     def _resume(self, state: dict) -> None:

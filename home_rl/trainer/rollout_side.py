@@ -61,7 +61,8 @@ class RolloutSide:
         self.ahead: Optional[RolloutAhead] = None
         self.rewards = self.pool = None
         try:
-            exported = export_think_view(home_dir, Path(cfg.output_dir))  # meanwhile the reward pool starts
+            # written while the reward pool starts
+            exported = export_think_view(home_dir, Path(cfg.output_dir), cfg.rollout.serves_adapter)
             self.rewards = RewardPool(cfg.reward)
             self.rewards.check(rows)  # unmapped sources and verifiers that cannot score a real row fail now
             self.pool = RolloutPool(str(exported.wait()), cfg.rollout, placement, adapter=exported.adapter)
@@ -206,16 +207,16 @@ class ExportedView:
         return self.view
 
 
-def export_think_view(home_dir: Path, out: Path) -> ExportedView:
+def export_think_view(home_dir: Path, out: Path, as_adapter: bool = False) -> ExportedView:
     """The think view of the starting checkpoint, for the rollout engines (made once per run), written by a Ray
-    worker process of its own while the caller goes on: the driver never loads the HOME model."""
+    worker process of its own while the caller goes on: the driver never loads the HOME model. A LoRA think
+    expert's view is the fast view and its adapter (`as_adapter`), or its merged view."""
     import ray
 
     from home_rl.console import actor_env
-
     from home_rl.model.lora_expert import ADAPTER_DIR, has_lora_think
 
-    lora = has_lora_think(home_dir)
+    lora = as_adapter and has_lora_think(home_dir)
     expert = FAST if lora else THINK
     adapter = str(home_dir / ADAPTER_DIR) if lora else None
     view = out / "views" / expert
