@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 from home_rl.config import LoraConfig, ModelConfig, load_config
 from home_rl.errors import ConfigError, ModelError
+from home_rl.memory_plan.shapes import model_shape
 from home_rl.model import FAST, THINK, HomeModel, upcycle, view_name
 from home_rl.model.lora_expert import ADAPTER_DIR, ADAPTER_WEIGHTS, LoraSpec
 from home_rl.rollout.config import RolloutConfig
-from home_rl.rollout.worker import RolloutWorker
 from home_rl.trainer.grpo_think import GRPOThinkConfig, GRPOThinkTrainer, train
 from test_grpo_think import read_metrics, read_rollouts, rollout_ids, tiny_config
 
@@ -57,6 +57,8 @@ def test_the_think_adapter_is_the_only_think_tensor_and_is_stored_as_peft_writes
     mlp = 3 * 64 * 128  # gate, up and down projections of one tiny layer
     assert counts[THINK] == 2 * 8 * (64 + 128) * 3 and counts[FAST] == 2 * mlp
     assert counts["active_per_query"] == counts["shared"] + counts[FAST] + counts[THINK]
+    shape = model_shape(folder, THINK, [f"think_ref={THINK}"])  # the memory plan: the adapter trains
+    assert (shape.trainable, shape.frozen_copies, shape.adapted) == (counts[THINK], counts[THINK], counts[FAST])
     with safe_open(folder / "model.safetensors", "pt") as st:
         assert not [k for k in st.keys() if "lora" in k or ".experts.think." in k]
     config = json.loads((folder / ADAPTER_DIR / "adapter_config.json").read_text())
@@ -115,63 +117,84 @@ def greedy(home: HomeModel, route: str, prompt: list[int], tokens: int) -> list[
     return ids[0, len(prompt):].tolist()
 
 
-def test_a_rollout_engine_answers_with_the_adapter_and_loads_new_versions_in_place(trained_lora, tmp_path):
+def test_engines_answer_with_the_adapter_and_load_each_version_sent_in_place(trained_lora, ray_local, tmp_path):
+    """rollout.lora_engine=adapter (the GPU default): the engines hold the fast view and answer with the adapter; a
+    version is the adapter's tensors, sent through the weight plane's adapter backend and loaded in place."""
+    from home_rl.rollout import RolloutPool
+    from home_rl.weights import WeightSender
+
     home, folder = copy.deepcopy(trained_lora[0]), trained_lora[1]  # its adapter changes below
     cfg = RolloutConfig(n=1, temperature=0.0, max_response_tokens=8, dtype="float32", kv_cache_gib=0.25,
                         max_model_len=256, stop=[])
-    worker = RolloutWorker(str(home.export_view(FAST, tmp_path / "fast")), cfg, adapter=str(folder / ADAPTER_DIR))
+    pool = RolloutPool(str(home.export_view(FAST, tmp_path / "fast")), cfg, adapter=str(folder / ADAPTER_DIR))
     prompts = [IDS[0].tolist(), [4, 8, 15, 16, 23, 42]]
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    sender = WeightSender()
     try:
-        requests = [{"prompt_token_ids": p} for p in prompts]
-        answered = [s[0].response_ids for s in worker.generate(requests).samples]
-        assert answered == [greedy(home, THINK, p, 8) for p in prompts]
+        pool.attach(sender)
+        assert [s[0].response_ids for s in pool.generate(requests).samples] == [greedy(home, THINK, p, 8) for p in prompts]
         for name, p in home.named_parameters():  # a new version of the adapter
             if "lora_B" in name:
                 p.data.mul_(-1.5)
-        state = home.state_dict()
-        worker.load_adapter({view_name(k, THINK): v.clone() for k, v in state.items() if ".experts.think." in k}, 7)
-        result = worker.generate(requests)
+        sender.stage(7, [(view_name(k, THINK), v.clone()) for k, v in home.state_dict().items() if ".experts.think." in k])
+        report = pool.sync(7)
+        assert report["bytes"] == sum(t.numel() * 4 for n, t in home.named_parameters() if ".lora_" in n)
+        result = pool.generate(requests)
         assert [s[0].response_ids for s in result.samples] == [greedy(home, THINK, p, 8) for p in prompts]
-        assert result.stats["weights_version"] == 7
-        assert len(list(worker.adapter.root.iterdir())) == 1  # the engine's own copy of version 7 alone
+        assert {s.weights_version for g in result.samples for s in g} == {7}
     finally:
-        root = worker.adapter.root
-        worker.shutdown()
-    assert not root.exists()
+        pool.shutdown()
 
 
-def test_grpo_trains_only_the_adapter_under_zero3_sends_it_alone_and_resumes_exactly(tiny_home, ray_local, tmp_path):
-    """Two ZeRO-3 learners train the adapter; the engines answer with it and receive its tensors at each step."""
+def test_grpo_trains_only_the_adapter_under_zero3_and_resumes_exactly(tiny_home, ray_local, tmp_path):
+    """Two ZeRO-3 learners train the adapter; the engines (rollout.lora_engine=auto: on CPU the merged think view)
+    receive the projections with the adapter merged, sample what the learners compute, and a resumed run repeats
+    the uninterrupted one."""
     home = tiny_home("qwen2", think_lora=SPEC)
     out = tmp_path / "run"
-    cfg = tiny_config(home, out, steps=3, learner__lr=5e-3, eval__rows=0)
-    cfg.learner.num_learners, cfg.learner.zero_stage, cfg.rollout.lora_engine = 2, 3, "adapter"
-    final = Path(train(cfg))
-    metrics = read_metrics(out)
 
-    assert load_file(final / "model.safetensors").keys() == load_file(home / "model.safetensors").keys()
+    def config(folder: Path, **overrides) -> GRPOThinkConfig:
+        cfg = tiny_config(home, folder, steps=2, learner__lr=5e-3, eval__rows=0, **overrides)
+        cfg.learner.num_learners, cfg.learner.zero_stage = 2, 3
+        return cfg
+
+    final = Path(train(config(out)))
+    metrics = read_metrics(out)
+    assert load_config(GRPOThinkConfig, ["--config", str(out / "config.yaml")]).rollout.lora_engine == "merged"
     before, after = load_file(home / "model.safetensors"), load_file(final / "model.safetensors")
-    assert all(torch.equal(before[k], after[k]) for k in before)  # every base tensor bit-identical
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)  # base untouched
     start = load_file(home / ADAPTER_DIR / ADAPTER_WEIGHTS)
     trained = load_file(final / ADAPTER_DIR / ADAPTER_WEIGHTS)
     assert trained.keys() == start.keys() and any(not torch.equal(start[k], trained[k]) for k in start)
-    adapter_bytes = sum(t.numel() * t.element_size() for t in trained.values())
-    assert metrics[1]["weight_sync/mb"] == pytest.approx(adapter_bytes / 2**20)  # version 1 (after step 1) is reported with step 2
+    layers = json.loads((home / "config.json").read_text())["num_hidden_layers"]
+    assert metrics[1]["weight_sync/tensors"] == 3 * layers  # gate, up and down projections, merged
     assert {s["weights_version"] for s in read_rollouts(out, 2)} == {1}
     for m in metrics:  # the engines sample what the learners compute
         assert m["rollout/logprob_diff_mean"] <= 1e-3 and m["rollout/logprob_pearson"] >= 0.999, m
 
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000002")
-    shutil.rmtree(resumed / "checkpoints" / "step_00000003", ignore_errors=True)
-    again = tiny_config(home, resumed, steps=3, learner__lr=5e-3, eval__rows=0, trainer__resume="auto")
-    again.learner.num_learners, again.learner.zero_stage, again.rollout.lora_engine = 2, 3, "adapter"
-    train(again)
-    for step in (2, 3):
-        assert rollout_ids(resumed, step) == rollout_ids(out, step), step
-    assert load_file(resumed / "final" / ADAPTER_DIR / ADAPTER_WEIGHTS).keys() == trained.keys()
-    assert all(torch.equal(load_file(resumed / "final" / ADAPTER_DIR / ADAPTER_WEIGHTS)[k], trained[k]) for k in trained)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000002", ignore_errors=True)
+    train(config(resumed, trainer__resume="auto"))
+    assert rollout_ids(resumed, 2) == rollout_ids(out, 2)
+    again = load_file(resumed / "final" / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    assert all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+def test_stage_sft_of_a_lora_home_trains_the_adapter_and_the_router_alone(ray_local, tiny_home, tmp_path):
+    from data_pipelines.synthetic import generate
+    from home_rl.trainer.sft import SFTConfig, run_sft
+
+    home = tiny_home("qwen2", think_lora=SPEC)
+    data = generate("mix", 16, seed=0, out=tmp_path / "mix", ratio={"math": 0.5, "extract": 0.5})
+    final = run_sft(load_config(SFTConfig, [
+        f"model.path={home}", "model.dtype=float32", f"data.path={data}", f"output_dir={tmp_path / 'sft'}",
+        "trainer.total_steps=2", "data.prompts_per_step=4", "learner.lr=1e-2", "learner.micro_batch_size=4",
+        "learner.trainable=think,router", "sft.router_loss_weight=1.0", "trainer.tensorboard=false"]))
+    before, after = load_file(home / "model.safetensors"), load_file(final / "model.safetensors")
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {k for k in before if k.startswith("router.")}
+    start, trained = load_file(home / ADAPTER_DIR / ADAPTER_WEIGHTS), load_file(final / ADAPTER_DIR / ADAPTER_WEIGHTS)
+    assert all(not torch.equal(start[k], trained[k]) for k in start if ".lora_B." in k)
 
 
 # ----------------------------------------------------------------------------- router stage, evaluation, serving
@@ -195,7 +218,7 @@ def lora_stage(tiny_home, tmp_path_factory) -> dict:
     stage, evaluation = _cfgs(home.save_pretrained(tmp / "home"), tmp)
     for cfg in (stage, evaluation):
         cfg.rollout.n, cfg.rollout.temperature = 1, 0.0
-    evaluation.samples = 0
+    evaluation.samples, evaluation.type_router.enabled = 0, False
     final = Path(train_router(stage))
     evaluate(evaluation)
     return {"final": final, "eval": tmp / "eval"}
@@ -236,37 +259,3 @@ def test_one_engine_serves_both_experts_as_the_evaluation_answered_and_routed(lo
         proc.send_signal(signal.SIGTERM)
         console = proc.communicate(timeout=120)[0]
     assert "one vLLM engine" in console, console
-
-
-def test_on_cpu_the_engines_hold_the_merged_think_view_and_receive_merged_projections(tiny_home, ray_local, tmp_path):
-    """rollout.lora_engine=auto on CPU: the merged view (vLLM's CPU LoRA path is slower); the learners merge the
-    adapter into the projections they send, and the engines sample what the learners compute."""
-    home = tiny_home("qwen2", think_lora=SPEC)
-    out = tmp_path / "run"
-    cfg = tiny_config(home, out, steps=2, learner__lr=5e-3, eval__rows=0, trainer__save_every=0)
-    final = Path(train(cfg))
-    metrics = read_metrics(out)
-    assert load_config(GRPOThinkConfig, ["--config", str(out / "config.yaml")]).rollout.lora_engine == "merged"
-    layers = json.loads((home / "config.json").read_text())["num_hidden_layers"]
-    assert metrics[1]["weight_sync/tensors"] == 3 * layers  # gate, up and down projections, merged
-    assert (out / "views" / THINK / "config.json").is_file() and not (out / "views" / FAST).exists()
-    for m in metrics:
-        assert m["rollout/logprob_diff_mean"] <= 1e-3 and m["rollout/logprob_pearson"] >= 0.999, m
-    before, after = load_file(home / "model.safetensors"), load_file(final / "model.safetensors")
-    assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-def test_stage_sft_of_a_lora_home_trains_the_adapter_and_the_router_alone(ray_local, tiny_home, tmp_path):
-    from data_pipelines.synthetic import generate
-    from home_rl.trainer.sft import SFTConfig, run_sft
-
-    home = tiny_home("qwen2", think_lora=SPEC)
-    data = generate("mix", 16, seed=0, out=tmp_path / "mix", ratio={"math": 0.5, "extract": 0.5})
-    final = run_sft(load_config(SFTConfig, [
-        f"model.path={home}", "model.dtype=float32", f"data.path={data}", f"output_dir={tmp_path / 'sft'}",
-        "trainer.total_steps=2", "data.prompts_per_step=4", "learner.lr=1e-2", "learner.micro_batch_size=4",
-        "learner.trainable=think,router", "sft.router_loss_weight=1.0", "trainer.tensorboard=false"]))
-    before, after = load_file(home / "model.safetensors"), load_file(final / "model.safetensors")
-    assert {k for k in before if not torch.equal(before[k], after[k])} == {k for k in before if k.startswith("router.")}
-    start, trained = load_file(home / ADAPTER_DIR / ADAPTER_WEIGHTS), load_file(final / ADAPTER_DIR / ADAPTER_WEIGHTS)
-    assert all(not torch.equal(start[k], trained[k]) for k in start if ".lora_B." in k)

@@ -98,8 +98,11 @@ def _learners(draft: _Draft, shape: ModelShape, run: Run, stage: int, colocated:
     b = 4 if run.dtype == "float32" or (run.dtype == "bfloat16" and not cluster.bf16 and not on_gpu) else 2
     parts = learner_parts(shape, learner, stage, b, run)
     loading = parts.pop("loading")
-    # rank 0 keeps the versions the engines load (the trainable tensors, in host memory) and sends them
-    staged = run.staged_versions * shape.trainable * b / GIB + (WEIGHT_SENDER_GIB if run.staged_versions else 0.0)
+    # rank 0 keeps the versions the engines load (the trainable tensors, in host memory; a LoRA think expert's
+    # projections with the adapter merged where the engines hold the merged view) and sends them
+    merged = shape.adapted and run.rollout is not None and not run.rollout.serves_adapter
+    served = shape.adapted if merged else shape.trainable
+    staged = run.staged_versions * served * b / GIB + (WEIGHT_SENDER_GIB if run.staged_versions else 0.0)
     train = sum(parts.values())
     advice = learner_advice(learner, stage, on_gpu, parts)
     if on_gpu and gpus < learner.num_learners * learner.gpus_per_learner(gpus):

@@ -31,6 +31,7 @@ class ModelShape:
     kv_dim: int  # key/value heads x head size
     context: int  # max_position_embeddings of the language model
     disk_bytes: int  # bytes per parameter on disk (the config's dtype)
+    adapted: int = 0  # a LoRA think expert: parameters of the projections its adapter adapts (what engines holding the merged view receive)
 
     @property
     def frozen(self) -> int:
@@ -98,8 +99,9 @@ def _count(folder: Path, trainable: Any, frozen_copies: Sequence[str]) -> ModelS
             layers = decoder_layers(model, arch)
     patterns = trainable_patterns(trainable)
     copies = tuple(f"*.experts.{name}.*" for name in frozen_copy_map(frozen_copies))
-    counts = dict(params=0, trainable=0, frozen_copies=0, vision=0, view=0)
+    counts = dict(params=0, trainable=0, frozen_copies=0, vision=0, view=0, adapted=0)
     lora = is_home and model.home_config.get("think_lora") is not None
+    targets = tuple(f".experts.fast.{t}." for t in (model.home_config["think_lora"]["targets"] if lora else ()))
     for name, p in model.named_parameters():
         n = p.numel()
         counts["params"] += n
@@ -107,6 +109,7 @@ def _count(folder: Path, trainable: Any, frozen_copies: Sequence[str]) -> ModelS
         counts["frozen_copies"] += n if in_copy else 0
         counts["trainable"] += n if any(name_matches(name, q) for q in patterns) and not in_copy else 0
         counts["vision"] += n if ".visual." in f".{name}" else 0
+        counts["adapted"] += n if any(t in name for t in targets) else 0
         # what an engine holds: the think view; with a LoRA think expert, the fast view and the adapter
         in_view = view_name(name, "think") is not None or (lora and view_name(name, "fast") is not None)
         counts["view"] += n if (not is_home or in_view) else 0
