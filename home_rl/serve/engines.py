@@ -2,10 +2,10 @@
 
 A view is a plain dense checkpoint of the base architecture (the shared weights plus one expert), so
 stock vLLM serves it with no custom code: one engine per view. A HOME model whose think expert is a
-LoRA over fast is served by one engine: the fast view, and think's adapter on the requests routed to
-think (vLLM batches requests with and without it together), so neither expert waits behind an engine
-of its own and the router's choice costs nothing. The views are exported from the HOME checkpoint
-once, into output_dir/views/, and exported again only when the checkpoint changes.
+LoRA over fast can be served by one engine (engine.lora_engine=adapter, the default on GPUs): the fast
+view, and think's adapter on the requests routed to think (vLLM batches requests with and without it
+together), so neither expert waits behind an engine of its own. The views are exported from the HOME
+checkpoint once, into output_dir/views/, and exported again only when the checkpoint changes.
 
     views = export_views(checkpoint, out / "views")          # ServedViews: a folder per expert (+ think's adapter)
     engines = start_engines(views, cfg.engine)                # {"think": engine, "fast": engine}
@@ -105,9 +105,10 @@ def start_engines(views: ServedViews, cfg: EngineConfig) -> dict[str, Any]:
 
 
 def _checkpoint_stamp(folder: Path) -> dict:
+    """The checkpoint's files (its think adapter's folder included) by size and time."""
     return {"checkpoint": str(folder.resolve()),
-            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns]
-                      for p in sorted(folder.iterdir()) if p.is_file()}}
+            "files": {str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns]
+                      for p in sorted(folder.rglob("*")) if p.is_file()}}
 
 
 def engine_cores(setting: str, expert: str) -> str:

@@ -159,7 +159,9 @@ def lora_cold_start(full: Path, lora: Any) -> Path:
 
     shape = f"r{lora.rank}-a{lora.alpha:g}-d{lora.dropout:g}-{'+'.join(lora.targets)}"
     out = full.with_name(f"{full.name}-lora-{shape}")
-    made_from = out / "made_from.json"  # the full cold start it was made from: rebuilt with it
+    # the full cold start it was made from (rebuilt with it); beside the folder, as the full one's stamp: a file
+    # inside would travel into every checkpoint made from it
+    made_from = out.with_name(out.name + ".json")
     stamp = json.dumps({"full": str(full), "built": full.with_name(full.name + ".json").read_text()})
     if made_from.is_file() and made_from.read_text() == stamp:
         return out
