@@ -31,7 +31,7 @@ class ModelShape:
     kv_dim: int  # key/value heads x head size
     context: int  # max_position_embeddings of the language model
     disk_bytes: int  # bytes per parameter on disk (the config's dtype)
-    adapted: int = 0  # a LoRA think expert: parameters of the projections its adapter adapts (what engines holding the merged view receive)
+    adapted: int = 0  # a LoRA think expert: parameters of the projections it adapts (what merged-view engines receive)
 
     @property
     def frozen(self) -> int:
@@ -79,6 +79,7 @@ def _count(folder: Path, trainable: Any, frozen_copies: Sequence[str]) -> ModelS
     from home_rl.learner.optim import name_matches
     from home_rl.model import HomeModel, view_name
     from home_rl.model.home import HOME_KEY
+    from home_rl.model.lora_expert import LoraSpec
     from home_rl.model.architectures import architecture_of, decoder_layers, model_class, read_config_json, text_config
 
     raw = read_config_json(folder)
@@ -100,8 +101,9 @@ def _count(folder: Path, trainable: Any, frozen_copies: Sequence[str]) -> ModelS
     patterns = trainable_patterns(trainable)
     copies = tuple(f"*.experts.{name}.*" for name in frozen_copy_map(frozen_copies))
     counts = dict(params=0, trainable=0, frozen_copies=0, vision=0, view=0, adapted=0)
-    lora = is_home and model.home_config.get("think_lora") is not None
-    targets = tuple(f".experts.fast.{t}." for t in (model.home_config["think_lora"]["targets"] if lora else ()))
+    spec = LoraSpec.from_home_config(model.home_config) if is_home else None
+    lora = spec is not None
+    targets = tuple(f".experts.fast.{t}." for t in (spec.targets if lora else ()))
     for name, p in model.named_parameters():
         n = p.numel()
         counts["params"] += n

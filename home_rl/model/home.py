@@ -259,18 +259,18 @@ class HomeModel(nn.Module):
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write a HOME checkpoint folder, atomically (a temporary folder renamed at the end)."""
-        stored = set(self.checkpoint_keys())
-        state = {k: v for k, v in self.state_dict().items() if k in stored}
+        spec = LoraSpec.from_home_config(self.home_config)
+        state = self.state_dict()
+        # a LoRA think expert's adapter goes to its own folder, not into the shards
+        stored = [k for k in self.checkpoint_keys() if not (spec and f".experts.{THINK}." in k)]
         config = self.base.config.to_dict()
         config[HOME_KEY] = {**self.home_config, "experts": self.expert_names}
-        spec = LoraSpec.from_home_config(self.home_config)
-        adapter = {view_name(k, THINK): state.pop(k) for k in list(state) if f".experts.{THINK}." in k} if spec else {}
 
         def write_adapter(folder: Path) -> None:  # the think adapter as a PEFT folder over the fast view
-            lora_expert.write_adapter(folder / ADAPTER_DIR, adapter, spec)
+            self.export_adapter(folder / ADAPTER_DIR)
 
-        return write_folder(out_dir, config, state, self.asset_dir, self.base.generation_config,
-                            write_adapter if adapter else None)
+        return write_folder(out_dir, config, {k: state[k] for k in stored}, self.asset_dir, self.base.generation_config,
+                            write_adapter if spec else None)
 
     def view_state_dict(self, expert: str) -> dict[str, torch.Tensor]:
         """The shared weights plus `expert`, under the dense model's names (tied copies once); a LoRA expert's
@@ -285,8 +285,7 @@ class HomeModel(nn.Module):
             if name is not None:
                 out[name] = state[key]
         if spec and expert != FAST:
-            adapter = {view_name(k, expert): state[k] for k in self.checkpoint_keys() if f".experts.{expert}." in k}
-            out = lora_expert.merge_adapter(out, adapter, spec)
+            out = lora_expert.merge_adapter(out, self._adapter_state(expert), spec)
         return out
 
     def export_view(self, expert: str, out_dir: str | Path) -> Path:
@@ -304,9 +303,12 @@ class HomeModel(nn.Module):
         spec = LoraSpec.from_home_config(self.home_config)
         if spec is None or expert == FAST:
             raise ModelError(f"expert {expert!r} of this HOME model has no adapter (home.think_lora: {spec})")
+        return lora_expert.write_adapter(Path(out_dir), self._adapter_state(expert), spec)
+
+    def _adapter_state(self, expert: str) -> dict[str, torch.Tensor]:
+        """A LoRA expert's adapter tensors under the view's names ("model.layers.0.mlp.gate_proj.lora_A.weight")."""
         state = self.state_dict()
-        return lora_expert.write_adapter(Path(out_dir), {view_name(k, expert): state[k] for k in self.checkpoint_keys()
-                                                         if f".experts.{expert}." in k}, spec)
+        return {view_name(k, expert): state[k] for k in self.checkpoint_keys() if f".experts.{expert}." in k}
 
     # ------------------------------------------------------------------ reporting
 
@@ -327,8 +329,8 @@ class HomeModel(nn.Module):
                 counts[m.group(1)] += n
             else:
                 counts["shared"] += n
-        # a LoRA think expert runs fast's projections too
-        counts["active_per_query"] = counts["shared"] + counts[THINK] + (counts[FAST] if "think_lora" in self.home_config else 0)
+        lora = LoraSpec.from_home_config(self.home_config) is not None  # a LoRA think runs fast's projections too
+        counts["active_per_query"] = counts["shared"] + counts[THINK] + (counts[FAST] if lora else 0)
         return counts
 
 

@@ -117,11 +117,6 @@ class LoraExpert(nn.Module):
 # ---------------------------------------------------------------------- names and files
 
 
-def is_adapter_name(view_key: str) -> bool:
-    """Whether a view-side name (home.view_name of an expert's tensor) is an adapter tensor."""
-    return ".lora_A." in view_key or ".lora_B." in view_key
-
-
 def peft_name(view_key: str) -> str:
     """"model.layers.0.mlp.gate_proj.lora_A.weight" -> PEFT's "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"."""
     return PEFT_PREFIX + view_key

@@ -29,23 +29,27 @@ def max_lora_rank(rank: int) -> int:
     return fitting[0]
 
 
+def engine_args(folder: str | Path) -> dict:
+    """What a vLLM engine that applies the adapter in `folder` (one adapter at a time) starts with."""
+    rank = int(read_adapter_config(Path(folder))["r"])
+    return {"enable_lora": True, "max_loras": 1, "max_lora_rank": max_lora_rank(rank)}
+
+
+def think_request(folder: str | Path, load_inplace: bool = False) -> Any:
+    """The vLLM LoRARequest of the think adapter in `folder` (`load_inplace`: replacing the loaded version)."""
+    from home_rl import vllm_names as vn
+
+    return vn.LoRARequest(THINK, LORA_ID, str(folder), load_inplace=load_inplace)
+
+
 class EngineAdapter:
     """A rollout engine's think adapter: the request every generation carries, and the folders its versions are in."""
 
     def __init__(self, folder: str, worker_rank: int):
         self.initial = Path(folder)
-        self.lora_rank = int(read_adapter_config(self.initial)["r"])
+        self.engine_args = engine_args(self.initial)
         self.root = Path(tempfile.mkdtemp(prefix=f"home-rl-adapter-{worker_rank}-"))
-        self.request = self._request(self.initial)
-
-    @staticmethod
-    def _request(folder: Path, load_inplace: bool = False) -> Any:
-        from home_rl import vllm_names as vn
-
-        return vn.LoRARequest(THINK, LORA_ID, str(folder), load_inplace=load_inplace)
-
-    def engine_args(self) -> dict:
-        return {"enable_lora": True, "max_loras": 1, "max_lora_rank": max_lora_rank(self.lora_rank)}
+        self.request = think_request(self.initial)
 
     def write(self, tensors: dict[str, torch.Tensor], version: int) -> Any:
         """Write `tensors` (view-side adapter names) as version `version`; the request that loads it in place.
@@ -62,8 +66,8 @@ class EngineAdapter:
         for old in self.root.iterdir():
             if old not in (folder, previous):
                 shutil.rmtree(old, ignore_errors=True)
-        self.request = self._request(folder)
-        return self._request(folder, load_inplace=True)
+        self.request = think_request(folder)
+        return think_request(folder, load_inplace=True)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

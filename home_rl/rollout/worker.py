@@ -89,7 +89,7 @@ class RolloutWorker:
             limit_mm_per_prompt={"image": cfg.limit_images_per_prompt} if multimodal else None,
             enable_sleep_mode=self.can_sleep,
             weight_transfer_config=vn.WeightTransferConfig(backend=cfg.transfer_backend),
-            **(self.adapter.engine_args() if self.adapter else {}),
+            **(self.adapter.engine_args if self.adapter else {}),
         )
         self.asleep = False
         self.updating = False  # a weight update round is open (start_weight_update without its finish)

@@ -134,8 +134,7 @@ class ViewEngine:
         from vllm import AsyncEngineArgs
 
         from home_rl import vllm_names as vn
-        from home_rl.model.lora_expert import read_adapter_config
-        from home_rl.rollout.adapter import LORA_ID, max_lora_rank
+        from home_rl.rollout.adapter import engine_args, think_request
         from home_rl.rollout.worker import engine_dtype, placeholder_bias
 
         self.expert, self.cfg = expert, cfg
@@ -152,9 +151,8 @@ class ViewEngine:
             gpu_memory_utilization=cfg.gpu_memory_utilization, tensor_parallel_size=cfg.tensor_parallel_size,
             limit_mm_per_prompt={"image": cfg.limit_images_per_prompt} if multimodal else None,
             disable_log_stats=True,
-            **({"enable_lora": True, "max_loras": 1, "max_lora_rank": max_lora_rank(read_adapter_config(adapter)["r"])}
-               if adapter else {}))
-        self.lora = {THINK: vn.LoRARequest(THINK, LORA_ID, str(adapter))} if adapter else {}
+            **(engine_args(adapter) if adapter else {}))
+        self.lora = {THINK: think_request(adapter)} if adapter else {}
         self.engine = vn.AsyncLLM.from_engine_args(args)
         self.bias = placeholder_bias(hf_config) if multimodal else {}
 
